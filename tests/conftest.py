@@ -1,0 +1,31 @@
+"""Test setup: Triton runs CPU tensors under its interpreter, so every backend is testable without a GPU."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports vlfast.kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlfast import backends  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
+
+
+def runnable(device: str) -> list[str]:
+    """Backends that can run on this device here; Triton on CPU only when interpreting."""
+    dev = torch.device(device)
+    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, dev)]
+
+
+def backend_params():
+    """pytest params (device, backend) with readable ids, e.g. ``cpu-triton``."""
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable(d)]
+
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is present)")

@@ -1,0 +1,46 @@
+"""Benchmarks of every vlfast op against eager PyTorch and torch.compile (``python -m vlfast bench``)."""
+
+from .common import Row, copy_bandwidth, format_table, headline, machine, write_json
+
+OPS = ("ddpm",)
+
+
+def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True):
+    """Run the benchmarks of ``ops`` on ``device``; returns (machine info, copy GB/s, rows)."""
+    import importlib
+
+    from tqdm.auto import tqdm
+
+    info = machine(device)
+    copy_gbps = copy_bandwidth(device)
+    todo = []
+    for op in ops:
+        mod = importlib.import_module(f"vlfast.bench.{op}")
+        todo += list(mod.cases(device, shapes=shapes, dtypes=dtypes, providers=providers, compile_=compile_))
+    rows: list[Row] = []
+    for label, thunk in tqdm(todo, desc="vlfast bench", unit="case", disable=not progress):
+        rows += thunk()
+    return info, copy_gbps, rows
+
+
+def table(rows, copy_gbps: float) -> str:
+    """Medians with 20th/80th percentiles, GB/s, % of the measured copy rate and speed-ups."""
+    base = {}
+    for r in rows:
+        if r.timing and r.provider in ("eager", "torch.compile", "graph:eager"):
+            base[(r.op, r.case, r.provider)] = r.timing.median
+    lines = []
+    for r in rows:
+        if r.timing is None:
+            lines.append([r.op, r.case, r.provider, "failed", "", "", "", "", ""])
+            continue
+        t = r.timing.median
+        gbps = r.bytes / (t * 1e-6) / 1e9 if r.bytes else 0.0
+        eager = base.get((r.op, r.case, "graph:eager" if r.provider.startswith("graph:") else "eager"))
+        comp = base.get((r.op, r.case, "torch.compile"))
+        lines.append([r.op, r.case, r.provider, f"{t:.1f}", f"{r.timing.p20:.1f}-{r.timing.p80:.1f}",
+                      f"{gbps:.0f}", f"{100 * gbps / copy_gbps:.0f}%",
+                      f"{eager / t:.2f}x" if eager else "-",
+                      f"{comp / t:.2f}x" if comp and not r.provider.startswith("graph:") else "-"])
+    headers = ["op", "case", "provider", "median us", "p20-p80", "GB/s", "% copy", "vs eager", "vs compile"]
+    return format_table(headers, lines)

@@ -1,0 +1,154 @@
+"""Timing, machine description and reporting shared by every vlfast benchmark."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Median and 20th/80th percentiles of one provider, in microseconds."""
+    median: float
+    p20: float
+    p80: float
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    dtype: str
+    provider: str
+    timing: Timing
+    bytes: int = 0
+    flops: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def bench(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    """Time ``fn`` (no arguments): CUDA events via triton.testing.do_bench on a GPU, a wall clock on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med * 1e3, p20 * 1e3, p80 * 1e3)
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(5, min(200, int(rep_ms * 1e-3 / once)))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    q = statistics.quantiles(times, n=10)
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def bench_graph(fn, repeats: int = 20) -> Timing:
+    """Per-call time of ``fn`` captured ``repeats`` times back to back in one CUDA graph."""
+    from triton.testing import do_bench
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    med, p20, p80 = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return Timing(med * 1e3 / repeats, p20 * 1e3 / repeats, p80 * 1e3 / repeats)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy rate in GB/s, counting bytes read plus bytes written."""
+    if device.type == "cpu":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (t.median * 1e-6) / 1e9
+
+
+def _git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvml(index: int) -> dict:
+    """Clocks, power limit and driver of a GPU through nvidia-ml-py ({} where it is missing)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        info = {
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "max_sm_clock_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+            "power_limit_w": pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
+        }
+        pynvml.nvmlShutdown()
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in info.items()}
+    except Exception as e:  # noqa: BLE001 - any NVML failure only loses the extra columns
+        return {"nvml": f"unavailable ({type(e).__name__})"}
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on: device name, versions, git SHA."""
+    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "git_sha": _git_sha(), "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        info.update(name=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda, **_nvml(idx))
+    else:
+        info.update(name=_cpu_name(), threads=torch.get_num_threads())
+    return info
+
+
+def headline(info: dict) -> str:
+    if info["device"] == "cuda":
+        clocks = (f", SM {info.get('sm_clock_mhz', '?')}/{info.get('max_sm_clock_mhz', '?')} MHz, "
+                  f"power limit {info.get('power_limit_w', '?')} W, driver {info.get('driver', '?')}")
+        return f"{info['name']} ({info['sms']} SMs{clocks}); torch {info['torch']}, triton {info['triton']}"
+    return f"CPU: {info['name']}, {info['threads']} threads; torch {info['torch']}, triton {info['triton']}"
+
+
+def write_json(path: str, info: dict, rows: list[Row], extra: dict | None = None) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": info, **(extra or {}), "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+def format_table(headers: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])

@@ -1,0 +1,218 @@
+"""The fused DDPM/DDIM update as a torch custom op, with its launchers.
+
+``torch.ops.vlfast.ddpm_step`` takes the backend as its last argument; the
+Python entry :func:`fused_step` checks the inputs, settles the layout, draws a
+seed from the generator and picks the backend. The coefficient rows come from
+:mod:`vlfast.schedulers`; the formula is in :mod:`vlfast.reference.ddpm`.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import ddpm as ref
+
+OP = "ddpm_step"
+_INF = float("inf")
+
+
+# ---------------------------------------------------------------- Triton launcher
+def _block_for(per_sample: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): 16 elements a thread on large samples, fewer programs idle on small ones."""
+    if per_sample >= 1 << 16:
+        return 4096, 8
+    if per_sample >= 4096:
+        return 2048, 4
+    return 1024, 4
+
+
+def _ddpm_step_triton(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
+                      var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise):
+    from vlfast.kernels.ddpm import ddpm_step_kernel
+
+    batch = sample.shape[0]
+    per_sample = sample.numel() // batch if batch else 0
+    out = torch.empty_like(sample)
+    noise_mode = 1 if noise is not None else (2 if draw_noise else 0)
+    x0 = torch.empty_like(sample) if write_x0 else sample.new_empty((0,))
+    z_out = torch.empty_like(sample) if (write_noise and noise_mode) else sample.new_empty((0,))
+    if batch == 0 or per_sample == 0:
+        return out, x0, z_out
+    block, warps = _block_for(per_sample)
+    grid = (batch, triton_cdiv(per_sample, block))
+    if grid[1] > 65535:
+        raise ValueError(f"sample has {per_sample} elements per sample; at most {65535 * block} are supported")
+    m = model_output if model_output is not None else sample
+    v = variance if variance is not None else sample
+    z = noise if noise is not None else sample
+    t = timesteps if timesteps is not None else coef
+    ddpm_step_kernel[grid](
+        sample, m, v, z, out, x0 if write_x0 else out, z_out if z_out.numel() else out,
+        coef, t, thresh if thresh is not None else coef, rng_state if rng_state is not None else coef,
+        per_sample, m.stride(0), v.stride(0), z.stride(0),
+        (1 if timesteps.shape[0] > 1 else 0) if timesteps is not None else 0,
+        coef.shape[0], timestep, clip if clip != _INF else 0.0, seed, offset,
+        HAS_M=model_output is not None, VAR_MODE=var_mode, NOISE=noise_mode,
+        HAS_STATE=rng_state is not None and noise_mode == 2, T_FROM_PTR=timesteps is not None,
+        CLIP=clip != _INF, THRESH=thresh is not None, WRITE_X0=write_x0, WRITE_NOISE=bool(z_out.numel()),
+        BLOCK=block, num_warps=warps,
+    )
+    return out, x0, z_out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- the custom op
+@torch.library.custom_op("vlfast::ddpm_step", mutates_args=("rng_state",))
+def ddpm_step(sample: Tensor, model_output: Optional[Tensor], variance: Optional[Tensor], noise: Optional[Tensor],
+              coef: Tensor, timesteps: Optional[Tensor], timestep: int, thresh: Optional[Tensor], clip: float,
+              var_mode: int, draw_noise: bool, seed: int, offset: int, rng_state: Optional[Tensor],
+              write_x0: bool, write_noise: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """One fused DDPM/DDIM step; see vlfast.reference.ddpm for the formula. Returns (prev, x0, noise)."""
+    return _IMPLS[backend](sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
+                           var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise)
+
+
+def _extension_step(*args):
+    return torch.ops.vlfast.ddpm_step_kernel(*args)
+
+
+_IMPLS = {"triton": _ddpm_step_triton, "cuda": _extension_step, "cpp": _extension_step,
+          "reference": ref.fused_step}
+
+
+@ddpm_step.register_fake
+def _(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip, var_mode, draw_noise,
+      seed, offset, rng_state, write_x0, write_noise, backend):
+    has_noise = noise is not None or draw_noise
+    return (torch.empty_like(sample), torch.empty_like(sample) if write_x0 else sample.new_empty((0,)),
+            torch.empty_like(sample) if (write_noise and has_noise) else sample.new_empty((0,)))
+
+
+# ---------------------------------------------------------------- the Python entry
+def _dense(t: Tensor) -> bool:
+    """Batch-major and dense: element r of sample n at offset n * per_sample + r."""
+    if t.is_contiguous():
+        return True
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _like(name: str, t: Optional[Tensor], sample: Tensor) -> Optional[Tensor]:
+    """Check ``t`` against ``sample`` and give it sample's strides in dims 1.. (its own batch stride)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.shape != sample.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(sample.shape)} (the sample's)")
+    if t.device != sample.device:
+        raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
+    if t.dtype != sample.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but sample has {sample.dtype}")
+    if t.stride()[1:] == sample.stride()[1:] or t.numel() == 0:
+        return t
+    out = torch.empty_like(sample)
+    return out.copy_(t)
+
+
+def check_sample(sample) -> None:
+    if not isinstance(sample, Tensor):
+        raise TypeError(f"sample must be a Tensor, got {type(sample).__name__}")
+    if not sample.is_floating_point():
+        raise TypeError(f"sample must be a floating-point tensor, got {sample.dtype}")
+    if sample.dim() < 1:
+        raise ValueError("sample must have a batch dimension, got a 0-d tensor")
+
+
+def timestep_args(timestep, batch: int, rows: int, device: torch.device):
+    """(timesteps tensor or None, int timestep) for the op; host values are range-checked here."""
+    if isinstance(timestep, Tensor):
+        if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
+            raise TypeError(f"timestep must hold integers, got {timestep.dtype}")
+        if timestep.numel() != 1 and tuple(timestep.shape) != (batch,):
+            raise ValueError(f"timestep must be an int, a 0-d tensor or of shape ({batch},), got {tuple(timestep.shape)}")
+        if timestep.device.type == "cpu":
+            if timestep.numel() == 1:
+                timestep = int(timestep)
+            else:
+                if bool(((timestep < 0) | (timestep >= rows)).any()):
+                    raise ValueError(f"timestep values must lie in [0, {rows}), got {timestep.tolist()}")
+                return timestep.to(device=device, dtype=torch.int64, non_blocking=True), 0
+        else:
+            if timestep.device != device:
+                raise ValueError(f"timestep is on {timestep.device} but sample is on {device}")
+            return timestep.reshape(-1).to(torch.int64), 0
+    if isinstance(timestep, bool) or not isinstance(timestep, int):
+        try:
+            timestep = int(timestep.__index__())
+        except AttributeError:
+            raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}") from None
+    if not 0 <= timestep < rows:
+        raise ValueError(f"timestep must lie in [0, {rows}), got {timestep}")
+    return None, timestep
+
+
+def seed_and_offset(generator, device: torch.device, rng_state):
+    """A fresh (seed, offset) from ``generator`` (or the device's default), with no host-device sync."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing and rng_state is None:
+        raise RuntimeError("drawing noise inside CUDA graph capture needs rng_state= (torch.zeros(2, "
+                           "dtype=torch.int64, device=...) made before capture) so that replays draw fresh noise")
+    if generator is None:
+        generator = (torch.cuda.default_generators[device.index if device.index is not None
+                                                   else torch.cuda.current_device()]
+                     if device.type == "cuda" else torch.default_generator)
+    if generator.device.type == "cuda":
+        if capturing:
+            return generator.initial_seed() & (2**63 - 1), 0
+        off = generator.get_offset()
+        generator.set_offset(off + 4)
+        return generator.initial_seed() & (2**63 - 1), off
+    return int(torch.randint(0, 2**62, (), generator=generator)), 0
+
+
+def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, timestep, *,
+               variance: Optional[Tensor] = None, noise: Optional[Tensor] = None, thresh: Optional[Tensor] = None,
+               clip: Optional[float] = None, var_mode: int = ref.VAR_FIXED, draw_noise: bool = False,
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None, offset: int = 0,
+               rng_state: Optional[Tensor] = None, write_x0: bool = True, write_noise: bool = False,
+               backend: Optional[str] = None):
+    """Checked entry to ``torch.ops.vlfast.ddpm_step``; returns ``(prev, x0 or None, noise or None)``.
+
+    sample: (B, *S) float32/float16/bfloat16 (float64 runs the reference), any
+    layout; model_output, variance, noise: like sample or None; coef: (R, 8)
+    float32 rows (see vlfast.reference.ddpm); timestep: int, 0-d tensor or (B,)
+    integer tensor. With ``draw_noise`` and no ``noise``, Gaussian noise is drawn
+    in the kernel from ``seed`` (default: drawn from ``generator``) and
+    ``offset``, plus ``rng_state[0]`` when given (advanced by one per call on the
+    device). Equivalent PyTorch: ``vlfast.reference.ddpm.fused_step``.
+    """
+    check_sample(sample)
+    if not _dense(sample):
+        sample = sample.contiguous()
+    model_output = _like("model_output", model_output, sample)
+    variance = _like("variance", variance, sample)
+    noise = _like("noise", noise, sample)
+    if var_mode != ref.VAR_FIXED and variance is None:
+        raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
+    batch = sample.shape[0]
+    timesteps, t_int = timestep_args(timestep, batch, coef.shape[0], sample.device)
+    if coef.device != sample.device:
+        coef = coef.to(sample.device)
+    draw = draw_noise and noise is None
+    if draw and seed is None:
+        seed, offset = seed_and_offset(generator, sample.device, rng_state)
+    name = backends.select(OP, sample.device, sample.dtype, backend)
+    # Eager calls skip the dispatcher's Python layers (~100 us a call); torch.compile sees the custom op.
+    run = ddpm_step if torch.compiler.is_compiling() else _IMPLS[name]
+    args = (sample, model_output, variance, noise, coef, timesteps, t_int, thresh,
+            _INF if clip is None else float(clip), var_mode, draw, seed or 0, offset,
+            rng_state if draw else None, write_x0, write_noise)
+    prev, x0, z = run(*args, name) if run is ddpm_step else run(*args)
+    return prev, (x0 if write_x0 else None), (z if write_noise and (draw or noise is not None) else None)

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the spec of every op, the ground truth of the tests and the speed baseline."""
