@@ -9,7 +9,14 @@ import triton
 import triton.language as tl
 
 # Columns of a coefficient row (vlfast.reference.ddpm).
-A_X, A_M, K_0, K_X, K_M, SIGMA, LOG_MIN, LOG_MAX = 0, 1, 2, 3, 4, 5, 6, 7
+A_X = tl.constexpr(0)
+A_M = tl.constexpr(1)
+K_0 = tl.constexpr(2)
+K_X = tl.constexpr(3)
+K_M = tl.constexpr(4)
+SIGMA = tl.constexpr(5)
+LOG_MIN = tl.constexpr(6)
+LOG_MAX = tl.constexpr(7)
 
 
 @triton.jit
@@ -93,9 +100,9 @@ def ddpm_step_kernel(
     x0 = a_x * x + a_m * m
     if THRESH:
         s = tl.load(thresh_ptr + nl)
-        x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
     elif CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.clamp(x0, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
     prev = k_0 * x0 + k_x * x + k_m * m
 
     # Stage 4: noise, scaled by a fixed or learned sigma.

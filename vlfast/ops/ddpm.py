@@ -94,6 +94,10 @@ def _(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, 
 
 
 # ---------------------------------------------------------------- the Python entry
+# Under torch.compile the backend is chosen once, while tracing, and baked into the graph.
+_select_at_trace = torch.compiler.assume_constant_result(backends.select)
+
+
 def _dense(t: Tensor) -> bool:
     """Batch-major and dense: element r of sample n at offset n * per_sample + r."""
     if t.is_contiguous():
@@ -168,9 +172,11 @@ def seed_and_offset(generator, device: torch.device, rng_state):
         generator = (torch.cuda.default_generators[device.index if device.index is not None
                                                    else torch.cuda.current_device()]
                      if device.type == "cuda" else torch.default_generator)
+    if capturing:  # offsets from 2**62 up: never those of an eager call, whose come from the generator
+        seed = (generator.initial_seed() if generator.device.type == "cuda"
+                else int(torch.randint(0, 2**62, (), generator=generator)))
+        return seed & (2**63 - 1), 1 << 62
     if generator.device.type == "cuda":
-        if capturing:
-            return generator.initial_seed() & (2**63 - 1), 0
         off = generator.get_offset()
         generator.set_offset(off + 4)
         return generator.initial_seed() & (2**63 - 1), off
@@ -208,9 +214,10 @@ def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, tim
     draw = draw_noise and noise is None
     if draw and seed is None:
         seed, offset = seed_and_offset(generator, sample.device, rng_state)
-    name = backends.select(OP, sample.device, sample.dtype, backend)
+    compiling = torch.compiler.is_compiling()
+    name = (_select_at_trace if compiling else backends.select)(OP, sample.device, sample.dtype, backend)
     # Eager calls skip the dispatcher's Python layers (~100 us a call); torch.compile sees the custom op.
-    run = ddpm_step if torch.compiler.is_compiling() else _IMPLS[name]
+    run = ddpm_step if compiling else _IMPLS[name]
     args = (sample, model_output, variance, noise, coef, timesteps, t_int, thresh,
             _INF if clip is None else float(clip), var_mode, draw, seed or 0, offset,
             rng_state if draw else None, write_x0, write_noise)

@@ -1,0 +1,1 @@
+"""Triton kernels of vlfast, installed as vlfast.kernels."""
