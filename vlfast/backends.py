@@ -21,8 +21,9 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
-# Fastest first, per device type.
-PRIORITY = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+# Fastest first, per device type. On CUDA the extension's kernel goes first: its launch costs less
+# host time than Triton's Python launcher, which dominates at diffusion-sized tensors (NOTES.md).
+PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)

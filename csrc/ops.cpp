@@ -1,0 +1,60 @@
+// The schemas of every vlfast C++ op, and the Python module that loads them.
+//
+// `import vlfast._C` loads this shared library; its static initialisers register
+// the schemas below and the CPU / CUDA kernels (csrc/cpu, csrc/cuda) with the
+// dispatcher, reachable as torch.ops.vlfast.<name>. The module itself is empty
+// apart from WITH_CUDA.
+#include <Python.h>
+
+#include <torch/library.h>
+
+namespace vlfast {
+
+bool has_cuda() {
+#ifdef VLFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace vlfast
+
+// The Python side adds its own ops (vlfast::ddpm_step, ...) to this namespace
+// with torch.library.custom_op, which registers fragments: they coexist with
+// the one TORCH_LIBRARY block below, in either import order.
+TORCH_LIBRARY(vlfast, m) {
+  // One fused DDPM/DDIM update: see vlfast/reference/ddpm.py (fused_step).
+  // Returns (prev, x0, noise); x0 and noise are empty (0,) tensors unless asked for.
+  m.def(
+      "ddpm_step_kernel(Tensor sample, Tensor? model_output, Tensor? variance, Tensor? noise, "
+      "Tensor coef, Tensor? timesteps, int timestep, Tensor? thresh, float clip, int var_mode, "
+      "bool draw_noise, int seed, int offset, Tensor(a!)? rng_state, bool write_x0, "
+      "bool write_noise) -> (Tensor, Tensor, Tensor)");
+  // Whether this build has the CUDA kernels (False: built without CUDA).
+  m.def("has_cuda() -> bool", &vlfast::has_cuda);
+}
+
+extern "C" {
+// An empty module: the ops live in torch.ops.vlfast.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",     // name
+      nullptr,  // documentation
+      -1,       // per-interpreter state: none
+      nullptr,  // methods
+      nullptr,  // slots
+      nullptr,  // traverse
+      nullptr,  // clear
+      nullptr,  // free
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  PyObject* with_cuda = vlfast::has_cuda() ? Py_True : Py_False;
+  if (module != nullptr && PyModule_AddObjectRef(module, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

@@ -1,0 +1,70 @@
+"""Build vlfast and its C++/CUDA extension vlfast._C.
+
+    pip install --no-build-isolation -e .    # torch must be installed first
+
+The extension always has the CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp); where
+torch is a CUDA build and nvcc is found (CUDA_HOME), it also has the CUDA
+kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp). Environment:
+
+    VLFAST_NO_EXTENSION=1   skip the extension: a pure-Python install
+    TORCH_CUDA_ARCH_LIST    CUDA archs to build for (default "8.0;9.0")
+    MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_namespace_packages, setup
+
+
+def get_extensions():
+    """(ext_modules, cmdclass) for setup(); both empty with VLFAST_NO_EXTENSION=1."""
+    if os.environ.get("VLFAST_NO_EXTENSION", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # -fno-math-errno lets GCC vectorise sqrt in the CPU kernels.
+    cxx = ["-O3", "-fno-math-errno"]
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform == "linux":
+        # at::parallel_for is inline: without -fopenmp it runs on one thread.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    # A plain (per-Python-version) build, as torch's own extensions are: the stable-ABI build
+    # crashed on raising a TORCH_CHECK error under torch 2.11 (seen 2026-11-26 on the GPU image).
+    common = {"extra_link_args": link}
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is not None and has_nvcc:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        flags = {"cxx": cxx + ["-DVLFAST_WITH_CUDA"], "nvcc": ["-O3", "-DVLFAST_WITH_CUDA"]}
+        ext = CUDAExtension("vlfast._C", sources, extra_compile_args=flags, **common)
+    else:
+        ext = CppExtension("vlfast._C", sources, extra_compile_args={"cxx": cxx}, **common)
+    return [ext], {"build_ext": BuildExtension}
+
+
+def get_packages():
+    """vlfast and its subpackages, plus the top-level kernels/ installed as vlfast.kernels."""
+    exclude = ["*.__pycache__", "*.__pycache__.*"]
+    vlfast = find_namespace_packages(include=["vlfast", "vlfast.*"], exclude=exclude)
+    kernels = ["vlfast.kernels." + p for p in find_namespace_packages("kernels", exclude=exclude)]
+    return vlfast + ["vlfast.kernels"] + kernels
+
+
+ext_modules, cmdclass = get_extensions()
+setup(
+    name="vlfast",
+    version="0.1.0",
+    description="Fused GPU kernels for the layers of segmentation U-Nets, VAEs and DDPM diffusion models",
+    packages=get_packages(),
+    package_dir={"vlfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "diffusers"]},
+)
