@@ -24,6 +24,16 @@ def backend_params():
     return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable(d)]
 
 
+@pytest.fixture
+def poison_empty():
+    """Fresh outputs (torch.empty*, at::empty*) come filled with NaN, so an unwritten element fails."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 

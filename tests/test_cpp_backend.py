@@ -26,14 +26,7 @@ ROWS = 12
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Fresh outputs (at::empty*) come filled with NaN, so an element the kernel forgets fails."""
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def kernel(sample, model_output=None, variance=None, noise=None, *, coef, timesteps=None, timestep=0,

@@ -18,14 +18,7 @@ SHAPES = [(1, 1, 1, 1), (3, 5, 7, 11), (2, 3, 17, 19), (2, 4, 33, 40)]
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Fresh outputs (torch.empty*) come filled with NaN, so an unwritten element fails."""
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make_coef(rows=12, seed=0):

@@ -32,14 +32,7 @@ def shape_for(backend):
     return (2, 3, 5, 7) if backend == "triton" else (3, 5, 7, 11)  # the interpreter is slow
 
 
-@pytest.fixture(autouse=True)
-def poison_empty():
-    """Fresh outputs (torch.empty*) come filled with NaN, so an unwritten element fails."""
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 @pytest.fixture(scope="module")
