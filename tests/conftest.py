@@ -13,15 +13,15 @@ HAS_GPU = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
 
-def runnable(device: str) -> list[str]:
-    """Backends that can run on this device here; Triton on CPU only when interpreting."""
+def runnable(device: str, op: str | None = None) -> list[str]:
+    """Backends that can run ``op`` on this device here; Triton on CPU only when interpreting."""
     dev = torch.device(device)
-    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, dev)]
+    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, dev, op=op)]
 
 
-def backend_params():
+def backend_params(op: str | None = None):
     """pytest params (device, backend) with readable ids, e.g. ``cpu-triton``."""
-    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable(d)]
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable(d, op)]
 
 
 @pytest.fixture

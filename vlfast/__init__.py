@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import backends, ops, schedulers
+from . import backends, nn, ops, schedulers
 from .backends import last_backend, use_backend
 
-__all__ = ["backends", "ops", "schedulers", "use_backend", "last_backend", "__version__"]
+__all__ = ["backends", "nn", "ops", "schedulers", "use_backend", "last_backend", "__version__"]

@@ -25,6 +25,9 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 # host time than Triton's Python launcher, which dominates at diffusion-sized tensors (NOTES.md).
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Which backends implement each op (every op has the reference), and the extension op behind cuda/cpp.
+OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": ("reference", "triton", "cpp")}
+EXTENSION_OPS = {"ddpm_step": "ddpm_step_kernel", "group_norm": "group_norm_fwd_kernel"}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)
 _last: dict[str, str] = {}
@@ -90,9 +93,21 @@ def _device_reasons(name: str, device_type: str) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
-    """Every reason ``name`` cannot run on tensors of this device and dtype (empty: it can)."""
+@functools.cache
+def _op_reasons(name: str, op: str) -> tuple[str, ...]:
+    if name not in OP_BACKENDS.get(op, BACKENDS):
+        return (f"vlfast has no {name} kernel for {op} yet",)
+    if name in ("cuda", "cpp") and not isinstance(extension(), str) and not hasattr(torch.ops.vlfast, EXTENSION_OPS[op]):
+        return (f"this build of vlfast._C lacks {EXTENSION_OPS[op]}: rebuild it (`pip install --no-build-isolation -e .`)",)
+    return ()
+
+
+def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype | None = None,
+                          op: str | None = None) -> list[str]:
+    """Every reason ``name`` cannot run ``op`` on tensors of this device and dtype (empty: it can)."""
     reasons = list(_device_reasons(name, device.type))
+    if op is not None:
+        reasons += _op_reasons(name, op)
     if name != "reference" and dtype is not None and dtype not in KERNEL_DTYPES:
         reasons.append(f"the {name} kernels take float32, float16 or bfloat16, got {dtype}")
     return reasons
@@ -111,13 +126,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | Non
     name = _check_name(backend) if backend is not None else requested()
     if name == "auto":
         for cand in PRIORITY.get(device.type, ("reference",)):
-            if not not_supported_reasons(cand, device, dtype):
+            if not not_supported_reasons(cand, device, dtype, op):
                 name = cand
                 break
         else:
             name = "reference"
     else:
-        reasons = not_supported_reasons(name, device, dtype)
+        reasons = not_supported_reasons(name, device, dtype, op)
         if reasons:
             raise RuntimeError(f"vlfast: backend {name!r} cannot run {op} here: " + "; ".join(reasons))
     _last[op] = name
@@ -129,7 +144,7 @@ def last_backend(op: str) -> str | None:
     return _last.get(op)
 
 
-def available(device_type: str) -> dict[str, list[str]]:
-    """{backend: reasons it is unavailable} for a device type ('cpu' or 'cuda')."""
+def available(device_type: str, op: str | None = None) -> dict[str, list[str]]:
+    """{backend: reasons it is unavailable} for a device type ('cpu' or 'cuda'), for one op or in general."""
     dev = torch.device(device_type)
-    return {name: not_supported_reasons(name, dev) for name in BACKENDS}
+    return {name: not_supported_reasons(name, dev, op=op) for name in BACKENDS}

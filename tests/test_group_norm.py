@@ -1,0 +1,194 @@
+"""vlfast.ops.group_norm and vlfast.nn.GroupNorm on every backend against the float64 reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlfast
+from vlfast.ops.group_norm import group_norm
+from vlfast.reference import group_norm as ref
+from vlfast.testing import assert_close, assert_low_precision_close
+
+from conftest import backend_params
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PATTERNS = {
+    "plain": dict(),
+    "ddpm": dict(add=True, activation="silu"),
+    "adm": dict(scale=True, shift=True, activation="silu"),
+    "all-gelu": dict(add=True, scale=True, shift=True, activation="gelu"),
+    "shift-relu": dict(shift=True, activation="relu"),
+}
+SHAPES = {"N2-C8-G4-7x5": ((2, 8, 7, 5), 4), "N1-C6-G6-1x1": ((1, 6, 1, 1), 6), "N3-C4-G1-3x2": ((3, 4, 3, 2), 1)}
+
+
+def make(shape, groups, dtype, device, pattern, affine=True, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    p = PATTERNS[pattern]
+    kw = {k: torch.randn(n, c, generator=g).to(device) * 0.5 for k in ("add", "scale", "shift") if p.get(k)}
+    if affine:
+        kw["weight"] = torch.randn(c, generator=g).to(device)
+        kw["bias"] = torch.randn(c, generator=g).to(device)
+    kw["activation"] = p.get("activation")
+    return x, kw
+
+
+def reference(x, groups, kw, dtype):
+    """(float64 result, the same by plain PyTorch in ``dtype``)."""
+    r = {k: v for k, v in kw.items() if k not in ("weight", "bias")}
+    hi = ref.group_norm(x.double(), groups, kw.get("weight"), kw.get("bias"), compute_dtype=torch.float64, **r)
+    lo = ref.group_norm(x, groups, kw.get("weight"), kw.get("bias"), compute_dtype=dtype, **r)
+    return hi, lo
+
+
+def check(got, hi, lo, dtype, name="out"):
+    assert got.dtype == dtype and got.shape == hi.shape
+    if dtype == torch.float32:
+        assert_close(got, hi, torch.float32, rtol=1e-4, atol=1e-4, name=name)
+    else:
+        assert_low_precision_close(got, hi, lo, atol=1e-2, name=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
+@pytest.mark.parametrize("case", list(SHAPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_forward(device, backend, pattern, dtype, case, channels_last):
+    shape, groups = SHAPES[case]
+    x, kw = make(shape, groups, dtype, device, pattern, channels_last=channels_last)
+    with vlfast.use_backend(backend):
+        got = group_norm(x, groups, **kw)
+    assert vlfast.last_backend("group_norm") == backend
+    hi, lo = reference(x, groups, kw, dtype)
+    check(got, hi, lo, dtype)
+    if channels_last and shape[2] * shape[3] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_backward_matches_reference(device, backend, pattern, affine):
+    x, kw = make((2, 8, 5, 3), 4, torch.float32, device, pattern, affine=affine)
+    leaves = {k: v.requires_grad_() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    with vlfast.use_backend(backend):
+        out = group_norm(x, 4, **kw)
+    out.backward(dy)
+    got = [x.grad] + [leaves[k].grad for k in sorted(leaves)]
+    x64 = x.detach().double().requires_grad_()
+    kw64 = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref.group_norm(x64, 4, kw64.get("weight"), kw64.get("bias"), compute_dtype=torch.float64,
+                   **{k: v for k, v in kw64.items() if k not in ("weight", "bias")}).backward(dy.double())
+    want = [x64.grad] + [kw64[k].grad for k in sorted(leaves)]
+    for name, g, w in zip(["input"] + sorted(leaves), got, want):
+        assert_close(g, w, torch.float32, rtol=2e-4, atol=2e-4, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_gradcheck_fp64(activation):
+    """The written-out backward of the reference path against finite differences."""
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+            for s in [(2, 6, 3, 2), (6,), (6,), (2, 6), (2, 6), (2, 6)]]
+
+    def f(x, w, b, add, scale, shift):
+        return group_norm(x, 3, w, b, add=add, scale=scale, shift=shift, activation=activation)
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+def test_batch_zero_and_rank3(device, backend):
+    x, add = torch.randn(3, 6, 11, device=device), torch.randn(3, 6, device=device)
+    with vlfast.use_backend(backend):
+        empty = group_norm(torch.randn(0, 4, 3, 3, device=device), 2, activation="silu")
+        seq = group_norm(x, 3, add=add)
+    assert empty.shape == (0, 4, 3, 3)
+    assert_close(seq, ref.group_norm(x.double(), 3, add=add.double(), compute_dtype=torch.float64), torch.float32,
+                 rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+def test_nan_propagates_to_its_group_only(device, backend):
+    x = torch.randn(2, 4, 3, 3, device=device)
+    x[1, 0, 1, 1] = float("nan")
+    with vlfast.use_backend(backend):
+        out = group_norm(x, 2, activation="silu")
+    assert out[1, :2].isnan().all() and not out[0].isnan().any() and not out[1, 2:].isnan().any()
+
+
+def test_module_is_a_drop_in():
+    torch_gn = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        torch_gn.weight.normal_()
+        torch_gn.bias.normal_()
+    gn = vlfast.nn.GroupNorm(4, 8, activation="silu")
+    gn.load_state_dict(torch_gn.state_dict())
+    assert isinstance(gn, torch.nn.GroupNorm) and gn.state_dict().keys() == torch_gn.state_dict().keys()
+    x, temb = torch.randn(2, 8, 5, 5), torch.randn(2, 8)
+    assert_close(gn(x, add=temb), F.silu(torch_gn(x + temb[:, :, None, None])), torch.float32, rtol=1e-5, atol=1e-5)
+    plain = vlfast.nn.GroupNorm(4, 8, affine=False)
+    assert_close(plain(x), F.group_norm(x, 4, eps=1e-5), torch.float32, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_swaps_instances_and_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
+    x = torch.randn(2, 3, 9, 9)
+    want = model(x)
+    vlfast.nn.convert(model)
+    assert type(model[1]) is vlfast.nn.GroupNorm and model[1].weight is model[1].weight
+    assert_close(model(x), want, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+BAD = [
+    (dict(num_groups=3), ValueError, "num_groups"),
+    (dict(num_groups=0), ValueError, "num_groups"),
+    (dict(input=torch.ones(2, 8, 3, 3, dtype=torch.int32)), TypeError, "input"),
+    (dict(input=torch.ones(8)), ValueError, "input"),
+    (dict(weight=torch.ones(7)), ValueError, "weight"),
+    (dict(bias=torch.ones(8, 1)), ValueError, "bias"),
+    (dict(add=torch.ones(2, 7)), ValueError, "add"),
+    (dict(scale=torch.ones(8)), ValueError, "scale"),
+    (dict(shift=torch.ones(2, 8, dtype=torch.int64)), TypeError, "shift"),
+    (dict(activation="tanh"), ValueError, "activation"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,word", BAD, ids=[f"{w}-{i}" for i, (_, _, w) in enumerate(BAD)])
+def test_bad_input(bad, exc, word):
+    args = dict(input=torch.ones(2, 8, 3, 3), num_groups=4)
+    args.update(bad)
+    with pytest.raises(exc, match=word):
+        group_norm(args.pop("input"), args.pop("num_groups"), **args)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-3])
+def test_nonpositive_eps_behaves_as_torch(eps):
+    x = torch.randn(2, 4, 3, 3)
+    x[0, :2] = 1.0  # a constant group: zero variance
+    assert_close(group_norm(x, 2, eps=eps, backend="reference"), F.group_norm(x, 2, eps=eps), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+def test_opcheck(device, backend):
+    x, kw = make((2, 4, 3, 3), 2, torch.float32, device, "all-gelu")
+    args = (x, 2, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"], kw["shift"], 3, backend)
+    torch.library.opcheck(torch.ops.vlfast.group_norm_fwd.default, args)
+
+
+def test_compile_fullgraph():
+    x, kw = make((2, 8, 4, 4), 4, torch.float32, "cpu", "ddpm")
+    torch.use_deterministic_algorithms(False)
+
+    def f(x):
+        return group_norm(x, 4, **kw) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), f(x), torch.float32)

@@ -1,0 +1,188 @@
+"""GroupNorm + time-embedding add + scale-shift + activation as torch custom ops, with autograd.
+
+``torch.ops.vlfast.group_norm_fwd`` returns ``(out, mean, rstd)``; its autograd formula calls
+``torch.ops.vlfast.group_norm_bwd``. Both take the backend as their last argument. The formula is
+in :mod:`vlfast.reference.group_norm`; the Triton kernels in ``kernels/group_norm.py``, the CPU
+forward in ``csrc/cpu/group_norm.cpp``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import group_norm as ref
+
+OP = "group_norm"
+ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+ACT_NAME = {v: k for k, v in ACT_CODE.items()}
+_GRAD_NAMES = ("input", "weight", "bias", "add", "scale", "shift")
+
+
+# ---------------------------------------------------------------- backends
+def _fwd_reference(x, num_groups, weight, bias, eps, add, scale, shift, activation):
+    """Reference forward, plus the statistics the backward needs."""
+    out = ref.group_norm(x, num_groups, weight, bias, eps, add=add, scale=scale, shift=shift,
+                         activation=ACT_NAME[activation])
+    h = x.float()
+    if add is not None:
+        h = h + add.float().reshape(add.shape + (1,) * (x.dim() - 2))
+    n, c = x.shape[:2]
+    var, mean = torch.var_mean(h.reshape(n, num_groups, (c // num_groups) * math.prod(x.shape[2:])), dim=-1,
+                               correction=0)
+    return out, mean, torch.rsqrt(var + eps)
+
+
+def _bwd_reference(dy, x, num_groups, weight, bias, eps, add, scale, shift, activation, mean, rstd, needs):
+    """The written-out gradients of the reference (statistics recomputed in fp32; mean, rstd unused)."""
+    return ref.group_norm_backward(dy, x, num_groups, weight, bias, eps, add, scale, shift, ACT_NAME[activation],
+                                   needs)
+
+
+def _fwd_triton(x, num_groups, weight, bias, eps, add, scale, shift, activation):
+    from .group_norm_triton import group_norm_fwd
+    return group_norm_fwd(x, num_groups, weight, bias, eps, add, scale, shift, ACT_NAME[activation])
+
+
+def _bwd_triton(dy, x, num_groups, weight, bias, eps, add, scale, shift, activation, mean, rstd, needs):
+    from .group_norm_triton import group_norm_bwd
+    return group_norm_bwd(dy, x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation], mean, rstd,
+                          tuple(needs))
+
+
+def _fwd_cpp(x, num_groups, weight, bias, eps, add, scale, shift, activation):
+    return torch.ops.vlfast.group_norm_fwd_kernel(x, num_groups, weight, bias, eps, add, scale, shift, activation)
+
+
+FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cpp": _fwd_cpp}
+# The CPU backward is the reference's (allowed by the design: the CPU forward is for inference).
+BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cpp": _bwd_reference}
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("vlfast::group_norm_fwd", mutates_args=())
+def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], activation: int,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused forward; returns (out like input, mean (N, G) fp32, rstd (N, G) fp32)."""
+    out, mean, rstd = FWD[backend](input, num_groups, weight, bias, eps, add, scale, shift, activation)
+    return out, mean.float(), rstd.float()
+
+
+@group_norm_fwd.register_fake
+def _(input, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
+    stats = input.new_empty((input.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vlfast::group_norm_bwd", mutates_args=())
+def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, add: Optional[Tensor], scale: Optional[Tensor],
+                   shift: Optional[Tensor], activation: int, mean: Tensor, rstd: Tensor, needs: list[bool],
+                   backend: str) -> list[Tensor]:
+    """Gradients for (input, weight, bias, add, scale, shift); an empty (0,) tensor where not needed."""
+    grads = BWD[backend](grad_out, input, num_groups, weight, bias, eps, add, scale, shift, activation, mean,
+                         rstd, needs)
+    return [g if g is not None else input.new_empty((0,)) for g in grads]
+
+
+@group_norm_bwd.register_fake
+def _(grad_out, input, num_groups, weight, bias, eps, add, scale, shift, activation, mean, rstd, needs, backend):
+    inputs = (input, weight, bias, add, scale, shift)
+    return [torch.empty_like(t) if (t is not None and need) else input.new_empty((0,))
+            for t, need in zip(inputs, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, add, scale, shift, activation, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
+    ctx.args = (num_groups, eps, activation, backend)
+
+
+def _backward(ctx, grad_out, grad_mean, grad_rstd):
+    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    num_groups, eps, activation, backend = ctx.args
+    if grad_out is None:  # only mean or rstd was used: they carry no gradient
+        grad_out = torch.zeros_like(x)
+    needs = list(ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7))
+    bwd_backend = backend if backend in BWD else "reference"
+    grads = group_norm_bwd(grad_out.contiguous(memory_format=_format(x)), x, num_groups, weight, bias, eps, add,
+                           scale, shift, activation, mean, rstd, needs, bwd_backend)
+    g = [t if need else None for t, need in zip(grads, needs)]
+    return g[0], None, g[1], g[2], None, g[3], g[4], g[5], None, None
+
+
+group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- the Python entry
+def _format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+
+
+_select_at_trace = torch.compiler.assume_constant_result(backends.select)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, *, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+               shift: Optional[Tensor] = None, activation: Optional[str] = None,
+               backend: Optional[str] = None) -> Tensor:
+    """GroupNorm fused with the time-embedding add, scale-shift and an activation, in one pass.
+
+    input: (N, C, *) float32/float16/bfloat16 (float64 runs the reference), NCHW or channels_last;
+    weight, bias: (C,); add, scale, shift: (N, C); activation: None, "silu", "relu" or "gelu".
+    Returns a tensor like ``input`` (same dtype and memory format). Differentiable in input,
+    weight, bias, add, scale and shift. Equivalent PyTorch::
+
+        h = input + add[:, :, None, None]
+        y = F.group_norm(h, num_groups, weight, bias, eps) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        out = F.silu(y)   # activation="silu"
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C, *), got {tuple(input.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    n, c = input.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
+    if activation not in ACT_CODE:
+        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_param(name, t, (c,), input)
+    for name, t in (("add", add), ("scale", scale), ("shift", shift)):
+        _check_param(name, t, (n, c), input)
+    if _format(input) == torch.contiguous_format and not input.is_contiguous():
+        input = input.contiguous()
+    compiling = torch.compiler.is_compiling()
+    name = (_select_at_trace if compiling else backends.select)(OP, input.device, input.dtype, backend)
+    args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, add, scale, shift))
+    if compiling or needs_grad:
+        return group_norm_fwd(*args, name)[0]
+    # Inference in eager: skip the dispatcher's Python layers.
+    return FWD[name](*args)[0]
