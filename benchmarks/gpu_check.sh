@@ -29,9 +29,10 @@ step "GPU tests"
 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests/ --junitxml="$OUT/gpu_tests.xml" || status=1
 
 step "benchmarks"
-bench_args=(--json "$OUT/ddpm.json")
-[ -n "${QUICK:-}" ] && bench_args+=(--quick --no-compile)
-$PY benchmarks/bench_ddpm.py "${bench_args[@]}" || status=1
+quick=(); [ -n "${QUICK:-}" ] && quick=(--no-compile)
+$PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} "${quick[@]}" || status=1
+$PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" || status=1
+$PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
 
 step "done, status $status"
 exit $status

@@ -2,7 +2,7 @@
 
 from .common import Row, copy_bandwidth, format_table, headline, machine, write_json
 
-OPS = ("ddpm",)
+OPS = ("ddpm", "group_norm")
 
 
 def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True):

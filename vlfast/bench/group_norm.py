@@ -1,0 +1,99 @@
+"""GroupNorm + time embedding (+ scale-shift) + SiLU: vlfast against eager PyTorch and torch.compile.
+
+Patterns: "ddpm" = silu(group_norm(x + temb)), "adm" = silu(group_norm(x) * (1 + scale) + shift).
+Bytes counted: forward, read x and write y (2 tensors); forward+backward, also read x and dy and
+write dx (5 tensors).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ..ops.group_norm import group_norm
+from .common import Row, bench
+
+G = 32
+# (N, C, H, W, dtype, channels_last): the shapes of the shared anchors.
+GPU_CASES = [
+    (64, 128, 32, 32, torch.float32, False), (64, 128, 32, 32, torch.bfloat16, False),
+    (64, 128, 32, 32, torch.bfloat16, True), (16, 256, 64, 64, torch.float32, False),
+    (16, 256, 64, 64, torch.bfloat16, False), (16, 256, 64, 64, torch.bfloat16, True),
+    (64, 256, 16, 16, torch.bfloat16, False), (8, 512, 32, 32, torch.bfloat16, False),
+    (4, 128, 256, 256, torch.bfloat16, False), (4, 128, 256, 256, torch.bfloat16, True),
+]
+CPU_CASES = [(4, 256, 64, 64, torch.float32, False), (16, 128, 32, 32, torch.float32, False),
+             (4, 256, 64, 64, torch.float32, True)]
+
+
+def eager(pattern):
+    def ddpm(x, w, b, temb, scale, shift):
+        return F.silu(F.group_norm(x + temb[:, :, None, None], G, w, b))
+
+    def adm(x, w, b, temb, scale, shift):
+        return F.silu(F.group_norm(x, G, w, b) * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+    return ddpm if pattern == "ddpm" else adm
+
+
+def fused(pattern, backend):
+    def ddpm(x, w, b, temb, scale, shift):
+        return group_norm(x, G, w, b, add=temb, activation="silu", backend=backend)
+
+    def adm(x, w, b, temb, scale, shift):
+        return group_norm(x, G, w, b, scale=scale, shift=shift, activation="silu", backend=backend)
+    return ddpm if pattern == "ddpm" else adm
+
+
+def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True):
+    """Yield (label, thunk) pairs; each thunk returns the Rows of one case (both patterns)."""
+    todo = shapes or (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    for n, c, h, w, dtype, cl in todo:
+        if dtypes and dtype not in dtypes:
+            continue
+        label = f"{n}x{c}x{h}x{w} {str(dtype).replace('torch.', '')}{' NHWC' if cl else ''}"
+        yield label, (lambda s=(n, c, h, w), d=dtype, cl=cl, lab=label: _case(device, s, d, cl, lab, providers,
+                                                                             compile_))
+
+
+def _case(device, shape, dtype, channels_last, label, providers, compile_):
+    n, c = shape[:2]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
+    temb, scale, shift = (torch.randn(n, c, device=device, dtype=dtype) * 0.5 for _ in range(3))
+    dy = torch.randn_like(x)
+    args = (x, w, b, temb, scale, shift)
+    size = x.numel() * x.element_size()
+    runnable = [bk for bk in backends.BACKENDS if bk != "reference"
+                and not backends.not_supported_reasons(bk, device, dtype, "group_norm")
+                and not (bk == "triton" and device.type == "cpu")]
+    rows = []
+    for pattern in ("ddpm", "adm"):
+        fns = {"eager": eager(pattern)}
+        if compile_:
+            fns["torch.compile"] = torch.compile(eager(pattern))
+        fns.update({f"vlfast-{bk}": fused(pattern, bk) for bk in runnable})
+        if providers:
+            fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
+        want = eager(pattern)(*(t.double() for t in args))
+        for name, fn in fns.items():
+            tol = 2e-3 if dtype == torch.float32 else 6e-2
+            err = (fn(*args).double() - want).abs().max().item()
+            if not err <= tol * (1 + want.abs().max().item()):
+                raise AssertionError(f"{name} {pattern} disagrees with the float64 reference: {err:.3g}")
+            rows.append(_time(f"{pattern} fwd", label, dtype, name, lambda fn=fn: fn(*args), device, 2 * size))
+            # Forward + backward where the provider has a backward worth timing (on a GPU).
+            if device.type == "cuda":
+                leaves = [t.detach().requires_grad_() for t in args]
+
+                def step(fn=fn, leaves=leaves):
+                    fn(*leaves).backward(dy)
+                rows.append(_time(f"{pattern} fwd+bwd", label, dtype, name, step, device, 5 * size))
+    return rows
+
+
+def _time(op, label, dtype, name, fn, device, nbytes):
+    try:
+        return Row(f"group_norm {op}", label, str(dtype), name, bench(fn, device), nbytes)
+    except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a working compiler
+        return Row(f"group_norm {op}", label, str(dtype), name, None, nbytes, extra={"error": repr(e)[:200]})
