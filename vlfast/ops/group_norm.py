@@ -26,10 +26,13 @@ def _fwd_reference(x, num_groups, weight, bias, eps, add, scale, shift, activati
     """Reference forward, plus the statistics the backward needs."""
     out = ref.group_norm(x, num_groups, weight, bias, eps, add=add, scale=scale, shift=shift,
                          activation=ACT_NAME[activation])
+    n, c = x.shape[:2]
+    if x.numel() == 0:
+        stats = x.new_empty((n, num_groups), dtype=torch.float32)
+        return out, stats, torch.empty_like(stats)
     h = x.float()
     if add is not None:
         h = h + add.float().reshape(add.shape + (1,) * (x.dim() - 2))
-    n, c = x.shape[:2]
     var, mean = torch.var_mean(h.reshape(n, num_groups, (c // num_groups) * math.prod(x.shape[2:])), dim=-1,
                                correction=0)
     return out, mean, torch.rsqrt(var + eps)

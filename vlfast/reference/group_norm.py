@@ -41,6 +41,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, add=None,
     """Reference forward; differentiable with autograd. Computes in ``compute_dtype`` (at least fp32),
     returns ``input``'s dtype and memory format."""
     dtype = input.dtype
+    if input.numel() == 0:
+        return torch.empty_like(input)
     ct = torch.promote_types(compute_dtype, dtype)
     h = input.to(ct)
     if add is not None:
