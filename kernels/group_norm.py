@@ -1,0 +1,511 @@
+"""Triton kernels of GroupNorm fused with the time-embedding add, scale-shift and activation
+(spec: vlfast/reference/group_norm.py; launchers: vlfast/ops/group_norm_triton.py).
+
+The input is viewed as (N, C, S), element (n, c, s) at n*stride_n + c*stride_c + s*stride_s, so
+NCHW (stride_s = 1) and channels_last (stride_c = 1) run without layout copies; outputs share x's
+strides. Two paths each way:
+
+- single pass: one program per (sample, group) holds the whole group in registers and reads x once;
+- split: per-channel partials over (sample, channel block, spatial chunk) go to a float32 buffer,
+  one program per (sample, group) combines them in a fixed order, and an elementwise kernel over
+  (sample, channel block, spatial block) writes the output.
+
+Statistics are float32 (two-pass within a tile, Chan's combination across tiles and chunks). Every
+reduction is a tl.sum or a loop in a fixed order, never an atomic: results are bit-identical run to run.
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes (vlfast.ops.group_norm_triton.ACT_CODES).
+ACT_NONE = tl.constexpr(0)
+ACT_SILU = tl.constexpr(1)
+ACT_RELU = tl.constexpr(2)
+ACT_GELU = tl.constexpr(3)
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """act(y); NaN stays NaN (ReLU by where, not tl.maximum, which drops NaN)."""
+    if ACT == ACT_SILU:
+        y = y * tl.sigmoid(y)
+    elif ACT == ACT_RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    elif ACT == ACT_GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT1_2))
+    return y
+
+
+@triton.jit
+def _act_backward(g, y, ACT: tl.constexpr):
+    """g * act'(y), as PyTorch's backward of each activation computes it."""
+    if ACT == ACT_SILU:
+        sig = tl.sigmoid(y)
+        g = g * (sig * (1.0 + y * (1.0 - sig)))
+    elif ACT == ACT_RELU:
+        g = tl.where(y <= 0.0, 0.0, g)
+    elif ACT == ACT_GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(y * SQRT1_2))
+        g = g * (cdf + y * INV_SQRT_2PI * tl.exp(-0.5 * y * y))
+    return g
+
+
+@triton.jit
+def _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an, stride_scn, stride_shn,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr):
+    """float32 (add, weight, bias, 1 + scale, shift) at channels c (any shape) of sample n; defaults when absent."""
+    nl = n.to(tl.int64)
+    zero = tl.zeros_like(c).to(tl.float32)
+    a = zero
+    w = zero + 1.0
+    b = zero
+    k = zero + 1.0
+    sh = zero
+    if HAS_ADD:
+        a = tl.load(add_ptr + nl * stride_an + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        k = 1.0 + tl.load(scale_ptr + nl * stride_scn + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        sh = tl.load(shift_ptr + nl * stride_shn + c, mask=cmask, other=0.0).to(tl.float32)
+    return a, w, b, k, sh
+
+
+# ---------------------------------------------------------------- forward
+@triton.jit
+def group_norm_fwd_fused_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    out_ptr,    # (N, C, S) output, x's dtype and strides
+    mean_ptr,   # (N, G) float32 mean of each group
+    rstd_ptr,   # (N, G) float32 1 / sqrt(var + eps)
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) added before the statistics, row stride stride_an
+    scale_ptr,  # (N, C) scale, row stride stride_scn
+    shift_ptr,  # (N, C) shift, row stride stride_shn
+    S, G, CPG, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn, group_size, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    # Stage 1: the whole group (BLOCK_C >= C/G channels x BLOCK_S >= S positions) into registers.
+    cl = tl.arange(0, BLOCK_C)[:, None]
+    c = g * CPG + cl
+    cmask = cl < CPG
+    s = tl.arange(0, BLOCK_S)[None, :]
+    mask = cmask & (s < S)
+    base = n.to(tl.int64) * stride_n
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    h = tl.load(x_ptr + base + c * stride_c + s * stride_s, mask=mask, other=0.0).to(tl.float32) + a
+
+    # Stage 2: two-pass statistics in float32.
+    mean = tl.sum(tl.where(mask, h, 0.0)) / group_size
+    d = tl.where(mask, h - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d) / group_size + eps)
+
+    # Stage 3: normalise, affine, scale-shift, activation; write.
+    y = _act(d * (rstd * w * k) + (b * k + sh), ACT)
+    tl.store(out_ptr + base + c * stride_c + s * stride_s, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+
+@triton.jit
+def group_norm_stats_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    pmean_ptr,  # (N, C, P) float32 partial means, one per channel and spatial chunk
+    pm2_ptr,    # (N, C, P) float32 partial sums of squared deviations
+    add_ptr,    # (N, C) added before the statistics, row stride stride_an
+    C, S, n_cb, P, S_CHUNK, stride_n, stride_c, stride_s, stride_an,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sc = pid % P
+    n = pid // P // n_cb
+    cb = pid // P % n_cb
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < C
+    base = n.to(tl.int64) * stride_n
+    a = tl.zeros([BLOCK_C, 1], tl.float32)
+    if HAS_ADD:
+        a = tl.load(add_ptr + n.to(tl.int64) * stride_an + c, mask=cmask, other=0.0).to(tl.float32)
+    s_lo = sc * S_CHUNK
+    s_hi = tl.minimum(s_lo + S_CHUNK, S)
+    mean = tl.zeros([BLOCK_C, 1], tl.float32)
+    m2 = tl.zeros([BLOCK_C, 1], tl.float32)
+    # Stage 1: per tile, two-pass mean and M2 of each channel; Chan's combination into the running pair.
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)[None, :]
+        mask = cmask & (s < s_hi)
+        h = tl.load(x_ptr + base + c * stride_c + s * stride_s, mask=mask, other=0.0).to(tl.float32) + a
+        n_a = (s0 - s_lo).to(tl.float32)
+        n_b = tl.minimum(s_hi - s0, BLOCK_S).to(tl.float32)
+        mean_b = tl.sum(tl.where(mask, h, 0.0), axis=1, keep_dims=True) / n_b
+        d = tl.where(mask, h - mean_b, 0.0)
+        m2_b = tl.sum(d * d, axis=1, keep_dims=True)
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / (n_a + n_b))
+        m2 = m2 + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
+    # Stage 2: write this chunk's pair.
+    off = (n.to(tl.int64) * C + c) * P + sc
+    tl.store(pmean_ptr + off, mean, mask=cmask)
+    tl.store(pm2_ptr + off, m2, mask=cmask)
+
+
+@triton.jit
+def group_norm_finalize_kernel(
+    pmean_ptr,  # (N, C, P) float32 partial means
+    pm2_ptr,    # (N, C, P) float32 partial M2
+    mean_ptr,   # (N, G) float32 mean of each group
+    rstd_ptr,   # (N, G) float32 1 / sqrt(var + eps)
+    C, S, G, CPG, P, S_CHUNK, group_size, eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    p = tl.arange(0, BLOCK_P)[None, :]
+    cnt = tl.minimum(S_CHUNK, S - p * S_CHUNK).to(tl.float32)  # elements behind each partial
+    row = (n.to(tl.int64) * C + g * CPG) * P
+    # Stage 1: the group mean, sum of count * partial mean over (channel, chunk) in a fixed order.
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + tl.arange(0, BLOCK_C)[:, None]
+        m = (cl < CPG) & (p < P)
+        pm = tl.load(pmean_ptr + row + cl * P + p, mask=m, other=0.0)
+        acc += tl.where(m, cnt * pm, 0.0)
+    mean = tl.sum(acc) / group_size
+    # Stage 2: M2 of the group = sum of partial M2 + count * (partial mean - mean)^2.
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + tl.arange(0, BLOCK_C)[:, None]
+        m = (cl < CPG) & (p < P)
+        pm = tl.load(pmean_ptr + row + cl * P + p, mask=m, other=0.0)
+        pm2 = tl.load(pm2_ptr + row + cl * P + p, mask=m, other=0.0)
+        acc += tl.where(m, pm2 + cnt * (pm - mean) * (pm - mean), 0.0)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, tl.rsqrt(tl.sum(acc) / group_size + eps))
+
+
+@triton.jit
+def group_norm_apply_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    out_ptr,    # (N, C, S) output, x's dtype and strides
+    mean_ptr,   # (N, G) float32
+    rstd_ptr,   # (N, G) float32
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) row stride stride_an
+    scale_ptr,  # (N, C) row stride stride_scn
+    shift_ptr,  # (N, C) row stride stride_shn
+    C, S, G, CPG, n_cb, n_sb, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sb = pid % n_sb
+    n = pid // n_sb // n_cb
+    cb = pid // n_sb % n_cb
+    # Stage 1: per-channel coefficients; a channel block may span several groups.
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < C
+    grp = n.to(tl.int64) * G + c // CPG
+    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    # Stage 2: normalise, affine, scale-shift, activation; write.
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+    mask = cmask & (s < S)
+    offs = n.to(tl.int64) * stride_n + c * stride_c + s * stride_s
+    h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + a
+    y = _act((h - mean) * (rstd * w * k) + (b * k + sh), ACT)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- backward
+# With g1 = dy * act'(y1), the per-(n, c) sums sg = sum_s g1, sgx = sum_s g1 * xhat, sx = sum_s xhat and
+# e = w * (1 + scale) give every gradient:
+#   dshift = sg, dscale = w * sgx + b * sg, dbias = sum_n (1 + scale) sg, dweight = sum_n (1 + scale) sgx,
+#   m1 = sum_c e sg / |group|, m2 = sum_c e sgx / |group|,  dx = rstd * (e g1 - m1 - xhat m2),
+#   dadd = sum_s dx = rstd * (e sg - S m1 - m2 sx).
+@triton.jit
+def _grad_tile(x_ptr, dy_ptr, offs, mask, a, w, b, k, sh, mean, rstd, ACT: tl.constexpr):
+    """(g1, xhat) on one tile, zero where masked."""
+    h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + a
+    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    g1 = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != ACT_NONE:
+        g1 = tl.where(mask, _act_backward(g1, (xhat * w + b) * k + sh, ACT), 0.0)
+    return g1, xhat
+
+
+@triton.jit
+def _store_channel_grads(n, c, cmask, C, S, sg, sgx, sx, w, b, k, rstd, m1, m2,
+                         dadd_ptr, dscale_ptr, dshift_ptr, pdb_ptr, pdw_ptr,
+                         NEED_DADD: tl.constexpr, NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
+                         NEED_WB: tl.constexpr):
+    """Per-(n, c) gradients, and the per-sample terms of dweight and dbias (reduced over n later)."""
+    off = n.to(tl.int64) * C + c
+    if NEED_DSHIFT:
+        tl.store(dshift_ptr + off, sg.to(dshift_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + off, (w * sgx + b * sg).to(dscale_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DADD:
+        dadd = rstd * (w * k * sg - S * m1 - m2 * sx)
+        tl.store(dadd_ptr + off, dadd.to(dadd_ptr.dtype.element_ty), mask=cmask)
+    if NEED_WB:
+        tl.store(pdb_ptr + off, k * sg, mask=cmask)
+        tl.store(pdw_ptr + off, k * sgx, mask=cmask)
+
+
+@triton.jit
+def group_norm_bwd_fused_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    dy_ptr,     # (N, C, S) output gradient, x's strides
+    dx_ptr,     # (N, C, S) input gradient, x's dtype and strides
+    mean_ptr,   # (N, G) float32 saved mean
+    rstd_ptr,   # (N, G) float32 saved rstd
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) row stride stride_an
+    scale_ptr,  # (N, C) row stride stride_scn
+    shift_ptr,  # (N, C) row stride stride_shn
+    dadd_ptr,   # (N, C) contiguous, add's dtype
+    dscale_ptr,  # (N, C) contiguous, scale's dtype
+    dshift_ptr,  # (N, C) contiguous, shift's dtype
+    pdb_ptr,    # (N, C) float32 per-sample dbias terms
+    pdw_ptr,    # (N, C) float32 per-sample dweight terms
+    C, S, G, CPG, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn, group_size,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DADD: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, NEED_WB: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    # Stage 1: the group's x and dy into registers; g1 and xhat.
+    cl = tl.arange(0, BLOCK_C)[:, None]
+    c = g * CPG + cl
+    cmask = cl < CPG
+    s = tl.arange(0, BLOCK_S)[None, :]
+    mask = cmask & (s < S)
+    offs = n.to(tl.int64) * stride_n + c * stride_c + s * stride_s
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    g1, xhat = _grad_tile(x_ptr, dy_ptr, offs, mask, a, w, b, k, sh, mean, rstd, ACT)
+
+    # Stage 2: per-channel sums, then the group terms m1, m2.
+    sg = tl.sum(g1, axis=1, keep_dims=True)
+    sgx = tl.sum(g1 * xhat, axis=1, keep_dims=True)
+    sx = tl.sum(xhat, axis=1, keep_dims=True)
+    e = w * k
+    m1 = tl.sum(e * sg) / group_size
+    m2 = tl.sum(e * sgx) / group_size
+
+    # Stage 3: dx, then the per-channel gradients.
+    if NEED_DX:
+        dx = rstd * (g1 * e - m1 - xhat * m2)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_channel_grads(n, c, cmask, C, S, sg, sgx, sx, w, b, k, rstd, m1, m2, dadd_ptr, dscale_ptr,
+                         dshift_ptr, pdb_ptr, pdw_ptr, NEED_DADD, NEED_DSCALE, NEED_DSHIFT, NEED_WB)
+
+
+@triton.jit
+def group_norm_bwd_partial_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    dy_ptr,     # (N, C, S) output gradient, x's strides
+    mean_ptr,   # (N, G) float32 saved mean
+    rstd_ptr,   # (N, G) float32 saved rstd
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) row stride stride_an
+    scale_ptr,  # (N, C) row stride stride_scn
+    shift_ptr,  # (N, C) row stride stride_shn
+    psg_ptr,    # (N, C, P) float32 partial sums of g1
+    psgx_ptr,   # (N, C, P) float32 partial sums of g1 * xhat
+    psx_ptr,    # (N, C, P) float32 partial sums of xhat
+    C, S, G, CPG, n_cb, P, S_CHUNK, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, NEED_SX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sc = pid % P
+    n = pid // P // n_cb
+    cb = pid // P % n_cb
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < C
+    grp = n.to(tl.int64) * G + c // CPG
+    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    s_lo = sc * S_CHUNK
+    s_hi = tl.minimum(s_lo + S_CHUNK, S)
+    # Stage 1: accumulate g1, g1 * xhat, xhat elementwise over the chunk's tiles.
+    acc_g = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_gx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_x = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)[None, :]
+        mask = cmask & (s < s_hi)
+        offs = n.to(tl.int64) * stride_n + c * stride_c + s * stride_s
+        g1, xhat = _grad_tile(x_ptr, dy_ptr, offs, mask, a, w, b, k, sh, mean, rstd, ACT)
+        acc_g += g1
+        acc_gx += g1 * xhat
+        if NEED_SX:
+            acc_x += xhat
+    # Stage 2: reduce the tile and write this chunk's sums.
+    off = (n.to(tl.int64) * C + c) * P + sc
+    tl.store(psg_ptr + off, tl.sum(acc_g, axis=1, keep_dims=True), mask=cmask)
+    tl.store(psgx_ptr + off, tl.sum(acc_gx, axis=1, keep_dims=True), mask=cmask)
+    if NEED_SX:
+        tl.store(psx_ptr + off, tl.sum(acc_x, axis=1, keep_dims=True), mask=cmask)
+
+
+@triton.jit
+def _channel_sums(ptr, row, cl, p, cmask, P):
+    """Per-channel sum over the P chunks, in a fixed order (one tl.sum)."""
+    m = cmask & (p < P)
+    return tl.sum(tl.load(ptr + row + cl * P + p, mask=m, other=0.0), axis=1, keep_dims=True)
+
+
+@triton.jit
+def group_norm_bwd_group_kernel(
+    psg_ptr,    # (N, C, P) float32 partial sums of g1
+    psgx_ptr,   # (N, C, P) float32 partial sums of g1 * xhat
+    psx_ptr,    # (N, C, P) float32 partial sums of xhat
+    rstd_ptr,   # (N, G) float32 saved rstd
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    scale_ptr,  # (N, C) row stride stride_scn
+    m_ptr,      # (2, N, G) float32 out: m1, m2 of each group
+    dadd_ptr,   # (N, C) contiguous, add's dtype
+    dscale_ptr,  # (N, C) contiguous, scale's dtype
+    dshift_ptr,  # (N, C) contiguous, shift's dtype
+    pdb_ptr,    # (N, C) float32 per-sample dbias terms
+    pdw_ptr,    # (N, C) float32 per-sample dweight terms
+    N, C, S, G, CPG, P, stride_scn, group_size,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DADD: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, NEED_WB: tl.constexpr, NEED_CHANNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    p = tl.arange(0, BLOCK_P)[None, :]
+    row = (n.to(tl.int64) * C + g * CPG) * P
+    rstd = tl.load(rstd_ptr + pid)
+    # Stage 1: m1, m2 over the group's channels, in a fixed order.
+    acc1 = tl.zeros([BLOCK_C, 1], tl.float32)
+    acc2 = tl.zeros([BLOCK_C, 1], tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        cl = c0 + tl.arange(0, BLOCK_C)[:, None]
+        cmask = cl < CPG
+        c = g * CPG + cl
+        _, w, b, k, _ = _channel_params(n, c, cmask, w_ptr, b_ptr, w_ptr, scale_ptr, w_ptr, 0, stride_scn, 0,
+                                        HAS_W, HAS_B, False, HAS_SCALE, False)
+        acc1 += w * k * _channel_sums(psg_ptr, row, cl, p, cmask, P)
+        acc2 += w * k * _channel_sums(psgx_ptr, row, cl, p, cmask, P)
+    m1 = tl.sum(acc1) / group_size
+    m2 = tl.sum(acc2) / group_size
+    tl.store(m_ptr + pid, m1)
+    tl.store(m_ptr + N * G + pid, m2)
+    # Stage 2: the per-channel gradients (the chunk sums again, same order).
+    if NEED_CHANNEL:  # any of the four above
+        for c0 in range(0, CPG, BLOCK_C):
+            cl = c0 + tl.arange(0, BLOCK_C)[:, None]
+            cmask = cl < CPG
+            c = g * CPG + cl
+            _, w, b, k, _ = _channel_params(n, c, cmask, w_ptr, b_ptr, w_ptr, scale_ptr, w_ptr, 0, stride_scn, 0,
+                                            HAS_W, HAS_B, False, HAS_SCALE, False)
+            sg = _channel_sums(psg_ptr, row, cl, p, cmask, P)
+            sgx = _channel_sums(psgx_ptr, row, cl, p, cmask, P)
+            sx = sg
+            if NEED_DADD:
+                sx = _channel_sums(psx_ptr, row, cl, p, cmask, P)
+            _store_channel_grads(n, c, cmask, C, S, sg, sgx, sx, w, b, k, rstd, m1, m2, dadd_ptr, dscale_ptr,
+                                 dshift_ptr, pdb_ptr, pdw_ptr, NEED_DADD, NEED_DSCALE, NEED_DSHIFT, NEED_WB)
+
+
+@triton.jit
+def group_norm_bwd_dx_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s)
+    dy_ptr,     # (N, C, S) output gradient, x's strides
+    dx_ptr,     # (N, C, S) input gradient, x's dtype and strides
+    mean_ptr,   # (N, G) float32 saved mean
+    rstd_ptr,   # (N, G) float32 saved rstd
+    m_ptr,      # (2, N, G) float32 m1, m2 of each group
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) row stride stride_an
+    scale_ptr,  # (N, C) row stride stride_scn
+    shift_ptr,  # (N, C) row stride stride_shn
+    N, C, S, G, CPG, n_cb, n_sb, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sb = pid % n_sb
+    n = pid // n_sb // n_cb
+    cb = pid // n_sb % n_cb
+    # Stage 1: per-channel terms; a channel block may span several groups.
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+    cmask = c < C
+    grp = n.to(tl.int64) * G + c // CPG
+    mean = tl.load(mean_ptr + grp, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=cmask, other=0.0)
+    m1 = tl.load(m_ptr + grp, mask=cmask, other=0.0)
+    m2 = tl.load(m_ptr + N * G + grp, mask=cmask, other=0.0)
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    # Stage 2: dx on one tile.
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+    mask = cmask & (s < S)
+    offs = n.to(tl.int64) * stride_n + c * stride_c + s * stride_s
+    g1, xhat = _grad_tile(x_ptr, dy_ptr, offs, mask, a, w, b, k, sh, mean, rstd, ACT)
+    dx = rstd * (g1 * (w * k) - m1 - xhat * m2)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def group_norm_bwd_wb_kernel(
+    pdb_ptr,    # (N, C) float32 per-sample dbias terms
+    pdw_ptr,    # (N, C) float32 per-sample dweight terms
+    dw_ptr,     # (C,) weight gradient, weight's dtype
+    db_ptr,     # (C,) bias gradient, bias's dtype
+    N, C,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    cmask = c < C
+    # Stage 1: accumulate over the batch in a fixed order; one tl.sum at the end.
+    acc_b = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    acc_w = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)[:, None]
+        m = (n < N) & cmask
+        off = n.to(tl.int64) * C + c
+        if NEED_DB:
+            acc_b += tl.load(pdb_ptr + off, mask=m, other=0.0)
+        if NEED_DW:
+            acc_w += tl.load(pdw_ptr + off, mask=m, other=0.0)
+    # Stage 2: write in the parameters' dtypes.
+    if NEED_DB:
+        tl.store(db_ptr + c, tl.sum(acc_b, axis=0, keep_dims=True).to(db_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DW:
+        tl.store(dw_ptr + c, tl.sum(acc_w, axis=0, keep_dims=True).to(dw_ptr.dtype.element_ty), mask=cmask)

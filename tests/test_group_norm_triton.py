@@ -1,0 +1,231 @@
+"""The Triton GroupNorm launchers (vlfast.ops.group_norm_triton) against the float64 reference.
+
+CPU tensors under TRITON_INTERPRET=1 (set by conftest): small shapes; the split path is forced with
+``single_max=0`` and small tiles so that its loops and chunking run.
+"""
+
+import math
+
+import pytest
+import torch
+
+from vlfast.ops import group_norm_triton as gnt
+from vlfast.ops.group_norm_triton import group_norm_bwd, group_norm_fwd
+from vlfast.reference.group_norm import group_norm as reference
+from vlfast.testing import assert_close, assert_low_precision_close
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+GRADS = ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")
+# Fused patterns: which of add / scale / shift are given, and the activation.
+PATTERNS = {
+    "plain": ((), None),
+    "ddpm": (("add",), "silu"),
+    "adm": (("scale", "shift"), "silu"),
+    "all-relu": (("add", "scale", "shift"), "relu"),
+    "scale-gelu": (("scale",), "gelu"),
+    "shift": (("shift",), None),
+    "add-relu": (("add",), "relu"),
+}
+SPLIT = dict(single_max=0, split_tile=32, split_programs=6)  # several tiles per chunk, several chunks
+
+
+def make_inputs(shape, groups, dtype, layout, pattern, affine=True, param_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    pdt = param_dtype or dtype
+    x = (torch.randn(shape, generator=g) * 2 + 1.5).to(dtype)  # an offset mean: statistics must be shifted
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "ncl-t":  # (N, C, L) with unit channel stride
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    kw = {"weight": None, "bias": None, "add": None, "scale": None, "shift": None}
+    if affine:
+        kw["weight"] = (torch.rand(c, generator=g) + 0.5).to(pdt)
+        kw["bias"] = torch.randn(c, generator=g).to(pdt)
+    names, act = PATTERNS[pattern]
+    for name in names:
+        t = torch.randn(n, c, generator=g) * (0.5 if name == "scale" else 1.0)
+        if name in ("scale", "shift"):  # as AdaGN's emb.chunk(2, dim=1): row stride 2C
+            t = torch.cat([t, torch.randn(n, c, generator=g)], dim=1)[:, :c]
+        kw[name] = t.to(pdt)
+    return x, kw, act
+
+
+def reference_grads(x, groups, kw, act, dy, compute_dtype):
+    """(out, grads in GRADS order) of the reference computed in compute_dtype, by autograd."""
+    up = (lambda t: t.double()) if compute_dtype == torch.float64 else (lambda t: t)
+    leaves = [up(x).detach().requires_grad_()]
+    leaves += [None if kw[k] is None else up(kw[k]).detach().requires_grad_()
+               for k in ("weight", "bias", "add", "scale", "shift")]
+    out = reference(leaves[0], groups, leaves[1], leaves[2], 1e-5, add=leaves[3], scale=leaves[4],
+                    shift=leaves[5], activation=act, compute_dtype=compute_dtype)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, present, up(dy)))
+    return out.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, **opts):
+    out, mean, rstd = group_norm_fwd(x, groups, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"],
+                                     kw["shift"], act, **opts)
+    grads = group_norm_bwd(dy, x, groups, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
+                           mean, rstd, needs, **opts)
+    return out, mean, rstd, grads
+
+
+def check(got, hi, lo, name):
+    """fp32: the tolerance table; fp16/bf16: at most twice PyTorch's own error (lo) plus atol."""
+    assert got.dtype == lo.dtype and got.shape == hi.shape, name
+    if got.dtype == torch.float32:
+        assert_close(got, hi, torch.float32, name=name)
+    else:
+        assert_low_precision_close(got, hi, lo, atol=2e-3, name=name)
+
+
+def check_all(shape, groups, dtype, layout, pattern, affine=True, param_dtype=None, **opts):
+    x, kw, act = make_inputs(shape, groups, dtype, layout, pattern, affine, param_dtype)
+    dy = torch.empty_like(x).copy_(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    out, mean, rstd, grads = run_triton(x, groups, kw, act, dy, **opts)
+    hi, ghi = reference_grads(x, groups, kw, act, dy, torch.float64)
+    lo, glo = reference_grads(x, groups, kw, act, dy, torch.float32 if dtype == torch.float32 else dtype)
+    check(out, hi, lo, "out")
+    assert out.stride() == x.stride(), "out must keep x's layout"
+    for name, got, want_hi, want_lo in zip(GRADS, grads, ghi, glo):
+        if want_hi is None:
+            assert got is None, name
+        else:
+            check(got, want_hi, want_lo.to(got.dtype), name)
+    assert grads[0].stride() == x.stride(), "dx must keep x's layout"
+    # Statistics: those of h = x + add, against torch's own (float32).
+    h = x.float() if kw["add"] is None else x.float() + kw["add"].float().reshape(shape[:2] + (1,) * (x.dim() - 2))
+    _, tmean, trstd = torch.native_group_norm(h.contiguous(), None, None, shape[0], shape[1],
+                                              math.prod(shape[2:]), groups, 1e-5)
+    assert_close(mean, tmean, torch.float32, rtol=1e-5, atol=1e-5, name="mean")
+    assert_close(rstd, trstd, torch.float32, rtol=1e-4, atol=1e-5, name="rstd")
+
+
+def case(shape, groups, dtype=torch.float32, layout="nchw", pattern="ddpm", path="single", affine=True):
+    sid = "N{}-C{}-G{}-S{}".format(shape[0], shape[1], groups, "x".join(map(str, shape[2:])) or "1")
+    pid = f"{sid}-{DT[dtype]}-{layout}-{pattern}{'' if affine else '-noaffine'}-{path}"
+    return pytest.param(shape, groups, dtype, layout, pattern, path, affine, id=pid)
+
+
+CASES = [
+    # every pattern, single pass and split, fp32 NCHW
+    *[case((2, 8, 5, 7), 4, pattern=p, path=path) for p in PATTERNS for path in ("single", "split")],
+    # weight/bias absent
+    case((2, 8, 5, 7), 4, pattern="plain", affine=False),
+    case((2, 8, 5, 7), 2, pattern="adm", affine=False, path="split"),
+    # low precision, both layouts, both paths
+    *[case((2, 8, 6, 5), 4, dt, lay, pat, path) for dt in (torch.float16, torch.bfloat16)
+      for lay, pat in (("nchw", "ddpm"), ("nhwc", "adm")) for path in ("single", "split")],
+    # channels_last, G = 1 and G = C, spatial 1x1, primes, N = 1
+    case((2, 8, 5, 7), 4, layout="nhwc", pattern="ddpm"),
+    case((2, 8, 5, 7), 4, layout="nhwc", pattern="all-relu", path="split"),
+    case((2, 6, 4, 3), 1, pattern="all-relu"),
+    case((2, 6, 4, 3), 1, layout="nhwc", pattern="ddpm", path="split"),
+    case((2, 6, 4, 3), 6, pattern="adm"),
+    case((2, 6, 4, 3), 6, layout="nhwc", pattern="adm", path="split"),
+    case((3, 8, 1, 1), 4, pattern="adm"),
+    case((3, 8, 1, 1), 2, layout="nhwc", pattern="ddpm", path="split"),
+    case((1, 4, 7, 5), 2, pattern="ddpm"),
+    case((1, 12, 11, 3), 2, layout="nhwc", pattern="adm", path="split"),  # group spans channel blocks
+    case((1, 4, 9, 11), 2, torch.float16, pattern="ddpm", path="split"),  # chunks, a short last one
+    # rank 3 (N, C, L) in both layouts, rank 5 channels_last_3d, rank 2
+    case((2, 8, 13), 4, pattern="ddpm"),
+    case((2, 8, 13), 4, layout="ncl-t", pattern="adm", path="split"),
+    case((2, 4, 3, 2, 5), 2, layout="nhwc", pattern="ddpm"),
+    case((5, 6), 2, pattern="adm"),  # with 2 channels a group, dx is ill-conditioned (torch errs as much)
+]
+
+
+@pytest.mark.parametrize("shape,groups,dtype,layout,pattern,path,affine", CASES)
+def test_forward_backward(shape, groups, dtype, layout, pattern, path, affine):
+    check_all(shape, groups, dtype, layout, pattern, affine, **(SPLIT if path == "split" else {}))
+
+
+def test_mixed_dtypes():
+    """bf16 input with float32 parameters: grads come back in each input's dtype."""
+    check_all((2, 8, 5, 3), 4, torch.bfloat16, "nchw", "all-relu", param_dtype=torch.float32)
+
+
+def test_split_path_with_default_tiles():
+    """A group too large for the single pass, with the default split tiles."""
+    check_all((1, 4, 40, 40), 1, torch.float32, "nhwc", "adm", single_max=4096)
+
+
+def test_path_choice():
+    """The single pass for groups that fit with enough programs; the split for big groups or few programs."""
+    cpu = torch.device("cpu")
+    assert gnt._use_single(64, 32, 4, 32 * 32, torch.float32, False, None, cpu)
+    assert gnt._use_single(16, 32, 8, 64 * 64, torch.bfloat16, False, None, cpu)
+    assert not gnt._use_single(16, 32, 8, 64 * 64, torch.float32, False, None, cpu)
+    assert not gnt._use_single(4, 32, 4, 256 * 256, torch.bfloat16, False, None, cpu)
+    assert not gnt._use_single(8, 32, 16, 32 * 32, torch.bfloat16, False, None, cpu)  # 256 programs
+    assert gnt._use_single(2, 32, 4, 8 * 8, torch.float32, False, None, cpu)  # small: launch-bound
+    cfg = gnt._split_config(4, 128, 4, 256 * 256, 1, None, None, cpu)
+    assert cfg["P"] <= gnt.MAX_CHUNKS and cfg["S_CHUNK"] % cfg["BLOCK_S"] == 0
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_deterministic(path):
+    opts = SPLIT if path == "split" else {}
+    x, kw, act = make_inputs((2, 8, 6, 5), 4, torch.float32, "nhwc", "all-relu")
+    dy = torch.randn(x.shape)
+    first = run_triton(x, 4, kw, act, dy, **opts)
+    second = run_triton(x, 4, kw, act, dy, **opts)
+    for a, b in zip(first[:3] + tuple(first[3]), second[:3] + tuple(second[3])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["single", "split"])
+def test_nan_propagates_to_its_group(path):
+    opts = SPLIT if path == "split" else {}
+    x, kw, act = make_inputs((2, 8, 5, 7), 4, torch.float32, "nchw", "ddpm")
+    x[1, 3, 2, 4] = float("nan")  # sample 1, group 1 (channels 2, 3)
+    out, mean, rstd = group_norm_fwd(x, 4, kw["weight"], kw["bias"], 1e-5, kw["add"], None, None, "relu", **opts)
+    assert out[1, 2:4].isnan().all() and mean[1, 1].isnan() and rstd[1, 1].isnan()
+    out[1, 2:4] = 0.0
+    mean[1, 1] = rstd[1, 1] = 0.0
+    assert not out.isnan().any() and not mean.isnan().any() and not rstd.isnan().any()
+
+
+def test_batch_zero():
+    x, kw, act = make_inputs((0, 8, 3, 3), 4, torch.float32, "nchw", "adm")
+    dy = torch.randn(x.shape)
+    out, mean, rstd, (dx, dw, db, dadd, dscale, dshift) = run_triton(x, 4, kw, act, dy)
+    assert out.shape == x.shape and mean.shape == (0, 4) and rstd.shape == (0, 4)
+    assert dx.shape == x.shape and dscale.shape == (0, 8) and dshift.shape == (0, 8) and dadd is None
+    assert torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
+
+
+def test_grad_layout_and_needs():
+    """dy in another layout is matched to x's; only the requested grads come back."""
+    x, kw, act = make_inputs((2, 8, 5, 3), 2, torch.float32, "nhwc", "all-relu")
+    dy = torch.randn(x.shape)  # NCHW while x is channels_last
+    out, mean, rstd = group_norm_fwd(x, 2, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"], kw["shift"], act)
+    _, want = reference_grads(x, 2, kw, act, dy, torch.float64)
+    for needs in [(True, False, False, False, False, False), (False, True, False, True, False, True)]:
+        for opts in ({}, SPLIT):
+            got = group_norm_bwd(dy, x, 2, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
+                                 mean, rstd, needs, **opts)
+            for name, need, g, w in zip(GRADS, needs, got, want):
+                if not need:
+                    assert g is None, name
+                else:
+                    assert_close(g, w, torch.float32, name=name)
+            if needs[0]:
+                assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(ValueError, match="divide"):
+        group_norm_fwd(x, 4)
+    with pytest.raises(ValueError, match="add"):
+        group_norm_fwd(x, 3, add=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="activation"):
+        group_norm_fwd(x, 3, activation="tanh")
+    with pytest.raises(TypeError):
+        group_norm_fwd(x.double(), 3)

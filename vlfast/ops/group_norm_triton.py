@@ -1,0 +1,303 @@
+"""Triton launchers of the fused GroupNorm (kernels: vlfast/kernels/group_norm.py; spec:
+vlfast/reference/group_norm.py). The custom op, its autograd and the module live in
+vlfast/ops/group_norm.py; these two functions are its Triton backend.
+
+Paths, chosen from the shape (or forced with ``single_max``):
+
+- single pass, when the group padded to powers of two (C/G channels x S positions) holds at most
+  ``single_pass_max(dtype)`` elements and there are enough (sample, group) programs: one kernel that
+  reads x once (backward: one kernel reading x and dy once, plus a tiny dweight/dbias reduction);
+- split otherwise: stats -> finalize -> apply (backward: partial sums -> group terms -> dx -> dweight/dbias).
+"""
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+ACT_CODES = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest group, padded to powers of two (elements), that one program holds in registers (forward).
+SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
+# A group this large with fewer than 2 * SMs (sample, group) programs takes the split path.
+SPLIT_MIN_GROUP = 4096
+SPLIT_TILE = 4096       # elements of one tile of the split kernels
+MAX_CHUNKS = 256        # spatial chunks per (sample, channel) of the split reductions
+DEFAULT_SMS = 132       # an H100, for CPU tensors under the interpreter
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _warps(elements: int, most: int = 16) -> int:
+    return max(1, min(most, elements // 256))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def single_pass_max(dtype: torch.dtype, backward: bool = False) -> int:
+    """Padded group size up to which the single-pass kernel runs (backward holds x and dy: half)."""
+    return SINGLE_PASS_MAX[dtype] // (2 if backward else 1)
+
+
+def _check(x: Tensor, num_groups: int, activation) -> tuple[int, int, int, int]:
+    """(N, C, G, S) after the checks the kernels rely on."""
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the Triton group_norm takes {DTYPES}, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"input must be (N, C, *), got shape {tuple(x.shape)}")
+    if activation not in ACT_CODES:
+        raise ValueError(f"activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
+    n, c = x.shape[:2]
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the {c} channels")
+    s = math.prod(x.shape[2:])
+    if c * s >= 2**31:
+        raise ValueError(f"one sample has {c * s} elements; the kernels index a sample with int32")
+    return n, c, num_groups, s
+
+
+def _strides_ncs(x: Tensor) -> Optional[tuple[int, int, int]]:
+    """(stride_n, stride_c, stride_s) when the spatial dims flatten to one stride, else None."""
+    spatial = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
+    stride_s = spatial[-1][1] if spatial else 1
+    expect = stride_s
+    for size, stride in reversed(spatial):
+        if stride != expect:
+            return None
+        expect *= size
+    return x.stride(0), x.stride(1), stride_s
+
+
+def _view_ncs(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """x (copied to contiguous only when its spatial dims don't flatten or it isn't dense) and its strides.
+
+    NCHW, channels_last, channels_last_3d and (N, C, L) with any C stride run as they are.
+    """
+    strides = _strides_ncs(x)
+    dense = (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+             or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+             or (x.dim() == 3 and x.transpose(1, 2).is_contiguous()))
+    if strides is None or not dense:
+        x = x.contiguous()
+        strides = _strides_ncs(x)
+    return x, strides
+
+
+def _rows(t: Optional[Tensor], name: str, n: int, c: int, dummy: Tensor) -> tuple[Tensor, int]:
+    """A per-(sample, channel) tensor with unit channel stride, and its row stride; (dummy, 0) when absent."""
+    if t is None:
+        return dummy, 0
+    if tuple(t.shape) != (n, c):
+        raise ValueError(f"{name} must have shape ({n}, {c}), got {tuple(t.shape)}")
+    if c > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
+def _vec(t: Optional[Tensor], name: str, c: int, dummy: Tensor) -> Tensor:
+    if t is None:
+        return dummy
+    if tuple(t.shape) != (c,):
+        raise ValueError(f"{name} must have shape ({c},), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_max: Optional[int],
+                device: torch.device) -> bool:
+    padded = _pow2(cpg) * _pow2(s)
+    if single_max is not None:
+        return padded <= single_max
+    if padded > single_pass_max(dtype, backward):
+        return False
+    return not (n * g < 2 * _num_sms(device) and cpg * s >= SPLIT_MIN_GROUP)
+
+
+def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optional[int],
+                  programs: Optional[int], device: torch.device) -> dict:
+    """Tiles of the split kernels: channel-major tiles when channels are contiguous, else spatial-major;
+    spatial chunks of the reductions sized for about ``programs`` programs (default 8 per SM)."""
+    tile = tile or SPLIT_TILE
+    if stride_c == 1 and c > 1 and s > 1:
+        block_c = min(_pow2(c), 128, tile)
+        block_s = min(_pow2(s), max(1, tile // block_c))
+    else:
+        block_s = min(_pow2(s), tile)
+        block_c = min(_pow2(c), max(1, tile // block_s))
+    n_cb, n_sb = _cdiv(c, block_c), _cdiv(s, block_s)
+    programs = programs or 8 * _num_sms(device)
+    per_chunk = max(1, min(n_sb, n * n_cb * n_sb // programs), _cdiv(n_sb, MAX_CHUNKS))
+    s_chunk = per_chunk * block_s
+    chunks = _cdiv(s, s_chunk)
+    block_p = _pow2(chunks)
+    return dict(BLOCK_C=block_c, BLOCK_S=block_s, n_cb=n_cb, n_sb=n_sb, S_CHUNK=s_chunk, P=chunks,
+                BLOCK_P=block_p, BLOCK_CG=min(_pow2(cpg), max(1, min(tile, 2048) // block_p)),
+                warps=_warps(block_c * block_s, 8))
+
+
+def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                   shift: Optional[Tensor] = None, activation: Optional[str] = None, *,
+                   single_max: Optional[int] = None, split_tile: Optional[int] = None,
+                   split_programs: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused GroupNorm forward; returns ``(out, mean, rstd)``.
+
+    x: (N, C, *) float32/float16/bfloat16, NCHW-contiguous, channels_last(_3d) or (N, C, L) with unit
+    channel stride (other layouts are copied to contiguous); weight, bias: (C,); add, scale, shift:
+    (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype and strides;
+    mean, rstd: (N, G) float32. ``single_max`` (padded group elements; 0 forces the split path),
+    ``split_tile`` and ``split_programs`` override the heuristics (tests, benchmarks). Equivalent::
+
+        h = x + add[:, :, None, None]
+        out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
+    """
+    from vlfast.kernels.group_norm import (group_norm_apply_kernel, group_norm_finalize_kernel,
+                                           group_norm_fwd_fused_kernel, group_norm_stats_kernel)
+
+    n, c, g, s = _check(x, num_groups, activation)
+    x, (stride_n, stride_c, stride_s) = _view_ncs(x)
+    out = torch.empty_like(x)
+    if out.stride() != x.stride():  # empty_like keeps the strides of dense tensors; guard anyway
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        stride_n, stride_c, stride_s = _strides_ncs(x)
+    mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out, mean, rstd
+    if c == 0 or s == 0:  # as torch: mean 0, rstd NaN over an empty group
+        return out, mean.zero_(), rstd.fill_(float("nan"))
+    cpg = c // g
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    w, b = _vec(weight, "weight", c, x), _vec(bias, "bias", c, x)
+    add, stride_an = _rows(add, "add", n, c, x)
+    scale, stride_scn = _rows(scale, "scale", n, c, x)
+    shift, stride_shn = _rows(shift, "shift", n, c, x)
+    act = ACT_CODES[activation]
+    params = (w, b, add, scale, shift)
+    strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
+    group_size = float(cpg * s)
+
+    if _use_single(n, g, cpg, s, x.dtype, False, single_max, x.device):
+        block_c, block_s = _pow2(cpg), _pow2(s)
+        group_norm_fwd_fused_kernel[(n * g,)](
+            x, out, mean, rstd, *params, s, g, cpg, *strides, group_size, eps, **flags, ACT=act,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
+        return out, mean, rstd
+
+    cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
+    part = torch.empty((2, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
+    group_norm_stats_kernel[(n * cfg["n_cb"] * cfg["P"],)](
+        x, part[0], part[1], add, c, s, cfg["n_cb"], cfg["P"], cfg["S_CHUNK"], stride_n, stride_c, stride_s,
+        stride_an, HAS_ADD=flags["HAS_ADD"], BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
+    group_norm_finalize_kernel[(n * g,)](
+        part[0], part[1], mean, rstd, c, s, g, cpg, cfg["P"], cfg["S_CHUNK"], group_size, eps,
+        BLOCK_C=cfg["BLOCK_CG"], BLOCK_P=cfg["BLOCK_P"], num_warps=_warps(cfg["BLOCK_CG"] * cfg["BLOCK_P"], 4))
+    group_norm_apply_kernel[(n * cfg["n_cb"] * cfg["n_sb"],)](
+        x, out, mean, rstd, *params, c, s, g, cpg, cfg["n_cb"], cfg["n_sb"], *strides, **flags, ACT=act,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
+    return out, mean, rstd
+
+
+def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+                   activation: Optional[str], mean: Tensor, rstd: Tensor, needs, *,
+                   single_max: Optional[int] = None, split_tile: Optional[int] = None,
+                   split_programs: Optional[int] = None):
+    """Fused GroupNorm backward; returns ``(dx, dweight, dbias, dadd, dscale, dshift)``.
+
+    ``needs``: six bools in that order; a gradient is None when not needed or its input is absent.
+    dy: x's shape (copied to x's layout when it differs); mean, rstd: (N, G) float32 from
+    :func:`group_norm_fwd`. dx has x's dtype and layout, the others their inputs' dtypes ((C,) and
+    (N, C) contiguous); all accumulate in float32 and reduce in a fixed order. Equivalent:
+    ``torch.autograd.grad`` through vlfast.reference.group_norm.group_norm.
+    """
+    from vlfast.kernels.group_norm import (group_norm_bwd_dx_kernel, group_norm_bwd_fused_kernel,
+                                           group_norm_bwd_group_kernel, group_norm_bwd_partial_kernel,
+                                           group_norm_bwd_wb_kernel)
+
+    n, c, g, s = _check(x, num_groups, activation)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"grad_output has shape {tuple(dy.shape)}, expected {tuple(x.shape)}")
+    x, (stride_n, stride_c, stride_s) = _view_ncs(x)
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+    if dy.stride() != x.stride():  # empty_like keeps the strides of dense tensors; guard anyway
+        x, dy = x.contiguous(), dy.contiguous()
+        stride_n, stride_c, stride_s = _strides_ncs(x)
+    need_dx, need_dw, need_db, need_dadd, need_dscale, need_dshift = (
+        bool(f) and (t is not None) for f, t in zip(needs, (x, weight, bias, add, scale, shift)))
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty((c,), dtype=weight.dtype, device=x.device) if need_dw else None
+    db = torch.empty((c,), dtype=bias.dtype, device=x.device) if need_db else None
+    dadd = torch.empty((n, c), dtype=add.dtype, device=x.device) if need_dadd else None
+    dscale = torch.empty((n, c), dtype=scale.dtype, device=x.device) if need_dscale else None
+    dshift = torch.empty((n, c), dtype=shift.dtype, device=x.device) if need_dshift else None
+    if not (need_dx or need_dw or need_db or need_dadd or need_dscale or need_dshift):
+        return dx, dw, db, dadd, dscale, dshift
+    if n == 0 or c == 0 or s == 0:  # sums over nothing
+        return dx, *(t if t is None else t.zero_() for t in (dw, db, dadd, dscale, dshift))
+
+    cpg = c // g
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    w, b = _vec(weight, "weight", c, x), _vec(bias, "bias", c, x)
+    add, stride_an = _rows(add, "add", n, c, x)
+    scale, stride_scn = _rows(scale, "scale", n, c, x)
+    shift, stride_shn = _rows(shift, "shift", n, c, x)
+    act = ACT_CODES[activation]
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    params = (w, b, add, scale, shift)
+    strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
+    group_size = float(cpg * s)
+    need_wb = need_dw or need_db
+    pwb = torch.empty((2, n, c), dtype=torch.float32, device=x.device) if need_wb else mean.new_empty((2, 1))
+    outs = (dadd if need_dadd else mean, dscale if need_dscale else mean, dshift if need_dshift else mean,
+            pwb[0], pwb[1])
+    needs_ch = dict(NEED_DADD=need_dadd, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, NEED_WB=need_wb)
+
+    if _use_single(n, g, cpg, s, x.dtype, True, single_max, x.device):
+        block_c, block_s = _pow2(cpg), _pow2(s)
+        group_norm_bwd_fused_kernel[(n * g,)](
+            x, dy, dx if need_dx else x, mean, rstd, *params, *outs, c, s, g, cpg, *strides, group_size,
+            **flags, ACT=act, NEED_DX=need_dx, **needs_ch, BLOCK_C=block_c, BLOCK_S=block_s,
+            num_warps=_warps(2 * block_c * block_s))
+    else:
+        cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
+        part = torch.empty((3, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
+        mterms = torch.empty((2, n, g), dtype=torch.float32, device=x.device)
+        group_norm_bwd_partial_kernel[(n * cfg["n_cb"] * cfg["P"],)](
+            x, dy, mean, rstd, *params, part[0], part[1], part[2], c, s, g, cpg, cfg["n_cb"], cfg["P"],
+            cfg["S_CHUNK"], *strides, **flags, ACT=act, NEED_SX=need_dadd, BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
+        group_norm_bwd_group_kernel[(n * g,)](
+            part[0], part[1], part[2], rstd, w, b, scale, mterms, *outs, n, c, s, g, cpg, cfg["P"], stride_scn,
+            group_size, HAS_W=flags["HAS_W"], HAS_B=flags["HAS_B"], HAS_SCALE=flags["HAS_SCALE"], **needs_ch,
+            NEED_CHANNEL=need_dadd or need_dscale or need_dshift or need_wb, BLOCK_C=cfg["BLOCK_CG"],
+            BLOCK_P=cfg["BLOCK_P"], num_warps=_warps(cfg["BLOCK_CG"] * cfg["BLOCK_P"], 4))
+        if need_dx:
+            group_norm_bwd_dx_kernel[(n * cfg["n_cb"] * cfg["n_sb"],)](
+                x, dy, dx, mean, rstd, mterms, *params, n, c, s, g, cpg, cfg["n_cb"], cfg["n_sb"], *strides,
+                **flags, ACT=act, BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
+
+    if need_wb:
+        block_c = min(_pow2(c), 256)
+        block_n = min(_pow2(n), max(1, 2048 // block_c))
+        group_norm_bwd_wb_kernel[(_cdiv(c, block_c),)](
+            pwb[0], pwb[1], dw if need_dw else pwb, db if need_db else pwb, n, c, NEED_DW=need_dw,
+            NEED_DB=need_db, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_warps(block_n * block_c, 8))
+    return dx, dw, db, dadd, dscale, dshift
