@@ -31,6 +31,13 @@ TORCH_LIBRARY(vlfast, m) {
       "Tensor coef, Tensor? timesteps, int timestep, Tensor? thresh, float clip, int var_mode, "
       "bool draw_noise, int seed, int offset, Tensor(a!)? rng_state, bool write_x0, "
       "bool write_noise) -> (Tensor, Tensor, Tensor)");
+  // GroupNorm + time-embedding add + scale-shift + activation, forward: see
+  // vlfast/reference/group_norm.py. activation: 0 none, 1 silu, 2 relu, 3 gelu (erf).
+  // Returns (out, mean, rstd): out with input's dtype and strides (NCHW-contiguous
+  // or channels-last input), mean and rstd (N, num_groups) in fp32 (fp64 for fp64 input).
+  m.def(
+      "group_norm_fwd_kernel(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? add, Tensor? scale, Tensor? shift, int activation) -> (Tensor, Tensor, Tensor)");
   // Whether this build has the CUDA kernels (False: built without CUDA).
   m.def("has_cuda() -> bool", &vlfast::has_cuda);
 }

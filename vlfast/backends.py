@@ -148,3 +148,10 @@ def available(device_type: str, op: str | None = None) -> dict[str, list[str]]:
     """{backend: reasons it is unavailable} for a device type ('cpu' or 'cuda'), for one op or in general."""
     dev = torch.device(device_type)
     return {name: not_supported_reasons(name, dev, op=op) for name in BACKENDS}
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current one for the block: Triton launches on the current device."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -44,21 +44,23 @@ def _ddpm_step_triton(sample, model_output, variance, noise, coef, timesteps, ti
     grid = (batch, triton_cdiv(per_sample, block))
     if grid[1] > 65535:
         raise ValueError(f"sample has {per_sample} elements per sample; at most {65535 * block} are supported")
+    # Absent operands are replaced by any valid pointer: the constexpr flags keep them unread.
     m = model_output if model_output is not None else sample
     v = variance if variance is not None else sample
     z = noise if noise is not None else sample
     t = timesteps if timesteps is not None else coef
-    ddpm_step_kernel[grid](
-        sample, m, v, z, out, x0 if write_x0 else out, z_out if z_out.numel() else out,
-        coef, t, thresh if thresh is not None else coef, rng_state if rng_state is not None else coef,
-        per_sample, m.stride(0), v.stride(0), z.stride(0),
-        (1 if timesteps.shape[0] > 1 else 0) if timesteps is not None else 0,
-        coef.shape[0], timestep, clip if clip != _INF else 0.0, seed, offset,
-        HAS_M=model_output is not None, VAR_MODE=var_mode, NOISE=noise_mode,
-        HAS_STATE=rng_state is not None and noise_mode == 2, T_FROM_PTR=timesteps is not None,
-        CLIP=clip != _INF, THRESH=thresh is not None, WRITE_X0=write_x0, WRITE_NOISE=bool(z_out.numel()),
-        BLOCK=block, num_warps=warps,
-    )
+    with backends.device_guard(sample):
+        ddpm_step_kernel[grid](
+            sample, m, v, z, out, x0 if write_x0 else out, z_out if z_out.numel() else out,
+            coef, t, thresh if thresh is not None else coef, rng_state if rng_state is not None else coef,
+            per_sample, m.stride(0), v.stride(0), z.stride(0),
+            (1 if timesteps.shape[0] > 1 else 0) if timesteps is not None else 0,
+            coef.shape[0], timestep, clip if clip != _INF else 0.0, seed, offset,
+            HAS_M=model_output is not None, VAR_MODE=var_mode, NOISE=noise_mode,
+            HAS_STATE=rng_state is not None and noise_mode == 2, T_FROM_PTR=timesteps is not None,
+            CLIP=clip != _INF, THRESH=thresh is not None, WRITE_X0=write_x0, WRITE_NOISE=bool(z_out.numel()),
+            BLOCK=block, num_warps=warps,
+        )
     return out, x0, z_out
 
 

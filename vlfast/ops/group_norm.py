@@ -46,13 +46,15 @@ def _bwd_reference(dy, x, num_groups, weight, bias, eps, add, scale, shift, acti
 
 def _fwd_triton(x, num_groups, weight, bias, eps, add, scale, shift, activation):
     from .group_norm_triton import group_norm_fwd
-    return group_norm_fwd(x, num_groups, weight, bias, eps, add, scale, shift, ACT_NAME[activation])
+    with backends.device_guard(x):
+        return group_norm_fwd(x, num_groups, weight, bias, eps, add, scale, shift, ACT_NAME[activation])
 
 
 def _bwd_triton(dy, x, num_groups, weight, bias, eps, add, scale, shift, activation, mean, rstd, needs):
     from .group_norm_triton import group_norm_bwd
-    return group_norm_bwd(dy, x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation], mean, rstd,
-                          tuple(needs))
+    with backends.device_guard(x):
+        return group_norm_bwd(dy, x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation], mean,
+                              rstd, tuple(needs))
 
 
 def _fwd_cpp(x, num_groups, weight, bias, eps, add, scale, shift, activation):
