@@ -70,6 +70,17 @@ def _check(x: Tensor, num_groups: int, activation) -> tuple[int, int, int, int]:
     return n, c, num_groups, s
 
 
+def _params(weight, bias, add, scale, shift, n: int, c: int, x: Tensor):
+    """Kernel flags, the five per-channel operands ready to pass, and the row strides of add/scale/shift."""
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    add, stride_an = _rows(add, "add", n, c, x)
+    scale, stride_scn = _rows(scale, "scale", n, c, x)
+    shift, stride_shn = _rows(shift, "shift", n, c, x)
+    return flags, (_vec(weight, "weight", c, x), _vec(bias, "bias", c, x), add, scale, shift), \
+        (stride_an, stride_scn, stride_shn)
+
+
 def _strides_ncs(x: Tensor) -> Optional[tuple[int, int, int]]:
     """(stride_n, stride_c, stride_s) when the spatial dims flatten to one stride, else None."""
     spatial = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size != 1]
@@ -181,12 +192,8 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if c == 0 or s == 0:  # as torch: mean 0, rstd NaN over an empty group
         return out, mean.zero_(), rstd.fill_(float("nan"))
     cpg = c // g
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
-    w, b = _vec(weight, "weight", c, x), _vec(bias, "bias", c, x)
-    add, stride_an = _rows(add, "add", n, c, x)
-    scale, stride_scn = _rows(scale, "scale", n, c, x)
-    shift, stride_shn = _rows(shift, "shift", n, c, x)
+    flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
+        weight, bias, add, scale, shift, n, c, x)
     act = ACT_CODES[activation]
     params = (w, b, add, scale, shift)
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
@@ -253,12 +260,8 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
         return dx, *(t if t is None else t.zero_() for t in (dw, db, dadd, dscale, dshift))
 
     cpg = c // g
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
-                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
-    w, b = _vec(weight, "weight", c, x), _vec(bias, "bias", c, x)
-    add, stride_an = _rows(add, "add", n, c, x)
-    scale, stride_scn = _rows(scale, "scale", n, c, x)
-    shift, stride_shn = _rows(shift, "shift", n, c, x)
+    flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
+        weight, bias, add, scale, shift, n, c, x)
     act = ACT_CODES[activation]
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     params = (w, b, add, scale, shift)
