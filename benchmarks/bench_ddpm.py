@@ -25,11 +25,7 @@ def main():
         shapes = [shapes[0], shapes[-1]]
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     info, copy_gbps, rows = vb.run(device, ("ddpm",), shapes=shapes, dtypes=dtypes, compile_=not args.no_compile)
-    print(vb.headline(info))
-    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
-    print(vb.table(rows, copy_gbps))
-    if args.json:
-        vb.write_json(args.json, info, rows, {"copy_gbps": copy_gbps})
+    vb.report(info, copy_gbps, rows, args.json)
 
 
 if __name__ == "__main__":

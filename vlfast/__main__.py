@@ -38,11 +38,7 @@ def bench(argv) -> None:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     info, copy_gbps, rows = vb.run(device, args.ops, compile_=not args.no_compile)
-    print(vb.headline(info))
-    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
-    print(vb.table(rows, copy_gbps))
-    if args.json:
-        vb.write_json(args.json, info, rows, {"copy_gbps": copy_gbps})
+    vb.report(info, copy_gbps, rows, args.json)
 
 
 def main(argv=None) -> None:

@@ -44,3 +44,12 @@ def table(rows, copy_gbps: float) -> str:
                       f"{comp / t:.2f}x" if comp and not r.provider.startswith("graph:") else "-"])
     headers = ["op", "case", "provider", "median us", "p20-p80", "GB/s", "% copy", "vs eager", "vs compile"]
     return format_table(headers, lines)
+
+
+def report(info: dict, copy_gbps: float, rows, json_path: str | None = None) -> None:
+    """Print the machine, the measured copy rate and the table; write the rows as JSON if asked."""
+    print(headline(info))
+    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
+    print(table(rows, copy_gbps))
+    if json_path:
+        write_json(json_path, info, rows, {"copy_gbps": copy_gbps})
