@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one call on a machine with no network:
 # build the extension (CUDA kernels included), run the GPU tests, run the benchmarks.
-# Writes gpu_check.log and one JSON per benchmark under $OUT (default benchmarks/results/local).
-#   bash benchmarks/gpu_check.sh            # everything
-#   QUICK=1 bash benchmarks/gpu_check.sh    # fewer benchmark shapes, no torch.compile
+# Writes gpu_check.log, the GPU tests' junit XML and one JSON per benchmark under $OUT
+# (default benchmarks/results/local). Each step has its own time limit, so one slow step
+# cannot eat the others' time.
+#   bash benchmarks/gpu_check.sh                 # everything
+#   STEPS="build tests ddpm" bash benchmarks/gpu_check.sh
+#   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -11,28 +14,49 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-"build tests ddpm group_norm conv_transpose sweep"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+limit() { local s=$1; shift; timeout --kill-after=10 "$s" "$@"; local rc=$?; [ $rc -eq 124 ] && echo "TIMED OUT after ${s}s: $*"; return $rc; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "build (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise)"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-if ! $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . ; then
-  echo "BUILD FAILED"; status=1
+if want build; then
+  step "build (sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise)"
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  if ! limit 240 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . ; then
+    echo "BUILD FAILED"; status=1
+  fi
+  $PY -m vlfast info
 fi
-$PY -m vlfast info
 
-step "GPU tests"
-$PY -m pytest -q -p no:cacheprovider -k "cuda" tests/ --junitxml="$OUT/gpu_tests.xml" || status=1
+if want tests; then
+  step "GPU tests"
+  xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 6)
+  limit "${TEST_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects}" tests/ \
+    --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1 || status=1
+fi
 
-step "benchmarks"
 quick=(); [ -n "${QUICK:-}" ] && quick=(--no-compile)
-$PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} "${quick[@]}" || status=1
-$PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" || status=1
-$PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+if want group_norm; then
+  step "benchmark: group_norm"
+  limit "${GN_LIMIT:-240}" $PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" || status=1
+fi
+if want ddpm; then
+  step "benchmark: ddpm step"
+  limit "${DDPM_LIMIT:-150}" $PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} "${quick[@]}" || status=1
+fi
+if want conv_transpose && [ -f benchmarks/bench_conv_transpose.py ]; then
+  step "benchmark: conv_transpose2d"
+  limit 240 $PY benchmarks/bench_conv_transpose.py --json "$OUT/conv_transpose.json" "${quick[@]}" || status=1
+fi
+if want sweep; then
+  step "sweep: ddpm tiles"
+  limit 90 $PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+fi
 
 step "done, status $status"
 exit $status

@@ -5,6 +5,8 @@ Bytes counted: forward, read x and write y (2 tensors); forward+backward, also r
 write dx (5 tensors).
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +84,9 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
             if not err <= tol * (1 + want.abs().max().item()):
                 raise AssertionError(f"{name} {pattern} disagrees with the float64 reference: {err:.3g}")
             rows.append(_time(f"{pattern} fwd", label, dtype, name, lambda fn=fn: fn(*args), device, 2 * size))
-            # Forward + backward where the provider has a backward worth timing (on a GPU).
-            if device.type == "cuda":
+            # Forward + backward on a GPU, against eager (torch.compile's backward compile is timed
+            # only with VLFAST_BENCH_COMPILE_BWD=1: it costs minutes over all shapes).
+            if device.type == "cuda" and (name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD")):
                 leaves = [t.detach().requires_grad_() for t in args]
 
                 def step(fn=fn, leaves=leaves):
