@@ -9,6 +9,8 @@ kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp). Environment:
     VLFAST_NO_EXTENSION=1   skip the extension: a pure-Python install
     TORCH_CUDA_ARCH_LIST    CUDA archs to build for (default "8.0;9.0")
     MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+    VLFAST_SKIP_CUDA        comma-separated ops whose CUDA kernels to leave out, e.g. "group_norm"
+                            (the op then runs on its other backends)
 """
 
 import glob
@@ -39,7 +41,9 @@ def get_extensions():
     has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     if torch.version.cuda is not None and has_nvcc:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        skip = [name for name in os.environ.get("VLFAST_SKIP_CUDA", "").split(",") if name]
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += [f for f in cuda_sources if not any(os.path.basename(f).startswith(name) for name in skip)]
         flags = {"cxx": cxx + ["-DVLFAST_WITH_CUDA"], "nvcc": ["-O3", "-DVLFAST_WITH_CUDA"]}
         ext = CUDAExtension("vlfast._C", sources, extra_compile_args=flags, **common)
     else:

@@ -51,6 +51,17 @@ def bench(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 10
     return Timing(statistics.median(times), q[1], q[7])
 
 
+def compiled(fn):
+    """``torch.compile(fn)`` specialised to the shapes it first sees, as a user compiling one model gets.
+
+    Dynamo's caches are reset first: the benchmarks compile the same Python function for many
+    shapes, and from the second shape on Dynamo would switch to slower shape-generic kernels
+    (and after eight, fall back to eager).
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def bench_graph(fn, repeats: int = 20) -> Timing:
     """Per-call time of ``fn`` captured ``repeats`` times back to back in one CUDA graph."""
     from triton.testing import do_bench

@@ -9,15 +9,15 @@ import torch
 from .. import backends
 from ..reference.ddpm import ddpm_step_eager
 from ..schedulers import DDPMScheduler
-from .common import Row, bench, bench_graph
+from .common import Row, bench, bench_graph, compiled
 
 GPU_SHAPES = [(64, 3, 32, 32), (16, 4, 64, 64), (16, 3, 256, 256), (8, 3, 1024, 1024)]
 CPU_SHAPES = [(64, 3, 32, 32), (16, 4, 64, 64), (16, 3, 256, 256)]
 T = 500  # a mid-schedule step, so noise is added
 
 
-def _eager(sched, t):
-    ac = sched.alphas_cumprod
+def _eager(ac, t):
+    """diffusers' step as eager PyTorch; ``ac``: alphas_cumprod on the device (as diffusers keeps it)."""
 
     def step(eps, x):
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
@@ -44,13 +44,13 @@ def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compil
 
 def _case(device, shape, dtype, label, providers, compile_):
     sched = DDPMScheduler()
-    sched.alphas_cumprod = sched.alphas_cumprod.to(device)
+    ac = sched.alphas_cumprod.to(device)  # the scheduler keeps its own table on the host
     x = torch.randn(shape, device=device, dtype=dtype)
     eps = torch.randn(shape, device=device, dtype=dtype)
     nbytes = 3 * x.numel() * x.element_size()
-    fns = {"eager": _eager(sched, T)}
+    fns = {"eager": _eager(ac, T)}
     if compile_:
-        fns["torch.compile"] = torch.compile(_eager(sched, T))
+        fns["torch.compile"] = compiled(_eager(ac, T))
     # The reference (Philox in plain PyTorch) is the spec, not a contender; Triton on a CPU is the interpreter.
     skip = ("reference", "triton") if device.type == "cpu" else ("reference",)
     runnable = [b for b in backends.BACKENDS if b not in skip and not backends.not_supported_reasons(b, device, dtype)]
@@ -62,13 +62,13 @@ def _case(device, shape, dtype, label, providers, compile_):
         fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
 
     # Every provider is checked at t = 0 (no noise) against the float64 eager step before it is timed.
-    want = ddpm_step_eager(eps.double(), x.double(), sched.alphas_cumprod.double(), 0, -1, None)[0]
+    want = ddpm_step_eager(eps.double(), x.double(), ac.double(), 0, -1, None)[0]
     for name in fns:
         if name.startswith("vlfast"):
             b = name.split("-", 1)[1] if "-" in name else None
             got = sched.step(eps, 0, x, backend=b, return_dict=False)[0]
         else:
-            got = ddpm_step_eager(eps, x, sched.alphas_cumprod, 0, -1, None)[0]
+            got = ddpm_step_eager(eps, x, ac, 0, -1, None)[0]
         _check(name, got, want, dtype)
 
     rows = []
@@ -80,15 +80,14 @@ def _case(device, shape, dtype, label, providers, compile_):
             continue
         rows.append(Row("ddpm_step", label, str(dtype), name, timing, nbytes))
     if device.type == "cuda" and shape == GPU_SHAPES[0]:
-        rows += _graph_rows(sched, x, eps, label, dtype, nbytes)
+        rows += _graph_rows(sched, ac, x, eps, label, dtype, nbytes)
     return rows
 
 
-def _graph_rows(sched, x, eps, label, dtype, nbytes):
+def _graph_rows(sched, ac, x, eps, label, dtype, nbytes):
     """Inside a CUDA graph: vlfast's step, the eager step and one elementwise kernel; per-call Python overhead."""
     state = torch.zeros(2, dtype=torch.int64, device=x.device)
     sched._rng_state = state
-    ac = sched.alphas_cumprod
     noise = torch.randn_like(x)
     out = torch.empty_like(x)
     graph_fns = {

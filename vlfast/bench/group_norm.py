@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..ops.group_norm import group_norm
-from .common import Row, bench
+from .common import Row, bench, bench_graph, compiled
 
 G = 32
 # (N, C, H, W, dtype, channels_last): the shapes of the shared anchors.
@@ -73,7 +73,7 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
     for pattern in ("ddpm", "adm"):
         fns = {"eager": eager(pattern)}
         if compile_:
-            fns["torch.compile"] = torch.compile(eager(pattern))
+            fns["torch.compile"] = compiled(eager(pattern))
         fns.update({f"vlfast-{bk}": fused(pattern, bk) for bk in runnable})
         if providers:
             fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
@@ -84,6 +84,10 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
             if not err <= tol * (1 + want.abs().max().item()):
                 raise AssertionError(f"{name} {pattern} disagrees with the float64 reference: {err:.3g}")
             rows.append(_time(f"{pattern} fwd", label, dtype, name, lambda fn=fn: fn(*args), device, 2 * size))
+            if device.type == "cuda" and name != "torch.compile":
+                # GPU time alone: 20 calls replayed from one CUDA graph, no host launch cost.
+                rows.append(_time(f"{pattern} fwd", label, dtype, f"graph:{name}", lambda fn=fn: fn(*args), device,
+                                  2 * size, graph=True))
             # Forward + backward on a GPU, against eager (torch.compile's backward compile is timed
             # only with VLFAST_BENCH_COMPILE_BWD=1: it costs minutes over all shapes).
             if device.type == "cuda" and (name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD")):
@@ -95,8 +99,9 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
     return rows
 
 
-def _time(op, label, dtype, name, fn, device, nbytes):
+def _time(op, label, dtype, name, fn, device, nbytes, graph=False):
     try:
-        return Row(f"group_norm {op}", label, str(dtype), name, bench(fn, device), nbytes)
+        timing = bench_graph(fn) if graph else bench(fn, device)
+        return Row(f"group_norm {op}", label, str(dtype), name, timing, nbytes)
     except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a working compiler
         return Row(f"group_norm {op}", label, str(dtype), name, None, nbytes, extra={"error": repr(e)[:200]})

@@ -71,7 +71,7 @@ def randn_philox(seed: int, offset, batch: int, per_sample: int, device=None) ->
     if isinstance(offset, torch.Tensor):
         off = offset.to(device=device, dtype=torch.int64).reshape(())
     else:
-        off = torch.tensor(int(offset), device=device, dtype=torch.int64)
+        off = torch.full((), int(offset), device=device, dtype=torch.int64)  # a fill: no host-to-device copy
     off_lo = (off & MASK32).expand(batch, per_sample)
     off_hi = ((off >> 32) & MASK32).expand(batch, per_sample)
     words = philox4x32(int(seed), q & MASK32, nn & MASK32, off_lo, off_hi)
