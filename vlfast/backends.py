@@ -26,7 +26,8 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which backends implement each op (every op has the reference), and the extension op behind cuda/cpp.
-OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": ("reference", "triton", "cpp")}
+OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": ("reference", "triton", "cpp"),
+               "conv_transpose2d": ("reference", "triton")}
 EXTENSION_OPS = {"ddpm_step": "ddpm_step_kernel", "group_norm": "group_norm_fwd_kernel"}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)

@@ -5,8 +5,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .ops.conv_transpose import conv_transpose2d
 from .ops.group_norm import group_norm
-from .reference.group_norm import ACTIVATIONS
+from .reference.group_norm import ACTIVATIONS, activate
 
 
 class GroupNorm(nn.GroupNorm):
@@ -35,8 +36,42 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + act
 
 
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``torch.nn.ConvTranspose2d`` with the bias, an activation and the output write fused into one kernel.
+
+    Same constructor, attributes and state_dict as ``nn.ConvTranspose2d``, plus ``activation``
+    (None, "relu", "silu" or "gelu"): ``ConvTranspose2d(1024, 512, 2, stride=2, activation="relu")(x)``
+    is ``F.relu(nn.ConvTranspose2d(1024, 512, 2, stride=2)(x))``. ``forward(input, output_size=None,
+    *, out=None)``: ``out`` (e.g. a channel slice of a concat buffer) receives the result in place.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None,
+                 dtype=None, *, activation: Optional[str] = None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+                         dilation, padding_mode, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, input: Tensor, output_size: Optional[list[int]] = None, *,
+                out: Optional[Tensor] = None) -> Tensor:
+        if self.padding_mode != "zeros":  # not fused: the parent's path (which rejects it today)
+            y = activate(super().forward(input, output_size), self.activation)
+            return y if out is None else out.copy_(y)
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        return conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, output_padding,
+                                self.groups, self.dilation, activation=self.activation, out=out)
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + act
+
+
 def convert(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.GroupNorm`` in ``model`` (in place) for a :class:`GroupNorm` sharing its parameters.
+    """Swap every ``nn.GroupNorm`` and ``nn.ConvTranspose2d`` in ``model`` (in place) for vlfast's
+    :class:`GroupNorm` / :class:`ConvTranspose2d` sharing its parameters.
 
     Module instances are replaced, never classes or aten ops; returns ``model``.
     """
@@ -47,6 +82,13 @@ def convert(model: nn.Module) -> nn.Module:
                             dtype=child.weight.dtype if child.affine else None)
             if child.affine:
                 new.weight, new.bias = child.weight, child.bias
+            new.train(child.training)
+            setattr(model, name, new)
+        elif type(child) is nn.ConvTranspose2d:
+            new = ConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                  child.padding, child.output_padding, child.groups, child.bias is not None,
+                                  child.dilation, child.padding_mode, device="meta", dtype=child.weight.dtype)
+            new.weight, new.bias = child.weight, child.bias
             new.train(child.training)
             setattr(model, name, new)
         else:

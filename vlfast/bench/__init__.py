@@ -2,7 +2,7 @@
 
 from .common import Row, copy_bandwidth, format_table, headline, machine, write_json
 
-OPS = ("ddpm", "group_norm")
+OPS = ("ddpm", "group_norm", "conv_transpose")
 
 
 def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True):

@@ -1,0 +1,243 @@
+"""Triton kernels of the fused transposed convolution (spec: vlfast/reference/conv_transpose.py;
+launchers: vlfast/ops/conv_transpose_triton.py).
+
+Per axis, output pixel o of a transposed convolution (stride s, padding p, dilation d) receives
+x[i] * w[k] for every tap k with o = i*s - p + k*d, i.e. i = (o + p - k*d) / s when that divides.
+Two kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a fused epilogue
+(bias, activation, a store through any output strides):
+
+- ``conv_transpose2d_gemm_kernel`` (k == s, padding 0, dilation 1: the U-Net up-conv): every input
+  pixel owns a disjoint k x k block of the output, so the layer is one GEMM
+  X[N*H*W, Cin/G] @ Wg[Cin/G, kh*kw*Cout/G] whose epilogue scatters column (kh, kw, co) of row
+  (n, h, w) to out[n, co, h*s + kh, w*s + kw]. Its columns run co-innermost for a channels_last
+  output and kw-innermost for an NCHW one, so that neighbouring lanes store to neighbouring addresses.
+- ``conv_transpose2d_phase_kernel`` (everything else): output pixels with the same (o + p) mod s
+  form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic progression
+  k0, k0 + dk, ... whose input row moves by -dk*d/s per tap. Each phase is an ordinary convolution
+  over only its own taps (no multiply touches an inserted zero); one launch covers all s_h*s_w
+  phases (grid axis 1; each program derives its phase's geometry from scalars, so nothing is
+  copied to the device per call), and a phase without taps still gets bias + activation.
+
+Shared pieces: ``_load_x_tile`` (an input tile through any strides, zero outside the image),
+``_implicit_gemm`` (the K loop over taps x input-channel chunks) and ``_epilogue``. The K loop only
+knows "row r of tap j reads x[n, ci, ih0[r] + jh*DIH, iw0[r] + jw*DIW] against weight tap
+(kh0 + jh*DKH, kw0 + jw*DKW)", so a dilated Conv2d (stride 1) reuses it as a single phase with
+ih0 = oh - padding, DIH = +dilation, kh0 = 0, DKH = 1 (strided Conv2d: ih0 = oh*stride - padding),
+its weight (Cout, Cin/G, KH, KW) arranged to the same [G, KH, KW, Cin/G, Cout/G] layout.
+
+The launcher pre-arranges the weight once per weight version: Wt[G, KH, KW, Cin/G, Cout/G] for the
+phase kernel (one [Cin/G, Cout/G] matrix per tap), Wg[G, Cin/G, kh*kw*Cout/G] for the GEMM kernel.
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes (vlfast.ops.conv_transpose.ACT_CODE; the same as group_norm's).
+ACT_NONE = tl.constexpr(0)
+ACT_SILU = tl.constexpr(1)
+ACT_RELU = tl.constexpr(2)
+ACT_GELU = tl.constexpr(3)
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """act(y) in float32; NaN stays NaN (ReLU by where, not tl.maximum, which drops NaN)."""
+    if ACT == ACT_SILU:
+        y = y * tl.sigmoid(y)
+    elif ACT == ACT_RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    elif ACT == ACT_GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT1_2))
+    return y
+
+
+@triton.jit
+def _load_x_tile(x_ptr, x_row, ih, iw, row_ok, ci, ci_ok, H, W, stride_xc, stride_xh, stride_xw):
+    """[BLOCK_M, BLOCK_K] tile x[n, ci, ih, iw] (x_row: int64 offset of (n, first channel) per row); 0 outside."""
+    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ptrs = x_ptr + (x_row + ih * stride_xh + iw * stride_xw)[:, None] + (ci * stride_xc)[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _implicit_gemm(acc, x_ptr, wt_ptr, x_row, ih0, iw0, row_ok, co, co_ok, n_taps, n_tw, kh0, kw0,
+                   DKH, DKW, DIH, DIW, KW, CIN_G, COUT_G, H, W, stride_xc, stride_xh, stride_xw,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[r, c] += sum over taps j < n_taps and channels ci < CIN_G of
+    x[n_r, ci, ih0[r] + jh*DIH, iw0[r] + jw*DIW] * wt[kh0 + jh*DKH, kw0 + jw*DKW, ci, co[c]],
+    where (jh, jw) = divmod(j, n_tw).
+
+    wt_ptr: the group's [KH, KW, CIN_G, COUT_G] block. One flat loop over (tap, channel chunk), so the
+    compiler pipelines it as one K loop.
+    """
+    rk = tl.arange(0, BLOCK_K)
+    chunks = tl.cdiv(CIN_G, BLOCK_K)
+    for it in range(0, n_taps * chunks):
+        tap = it // chunks
+        ci = (it - tap * chunks) * BLOCK_K + rk
+        ci_ok = ci < CIN_G
+        jh = tap // n_tw
+        jw = tap - jh * n_tw
+        a = _load_x_tile(x_ptr, x_row, ih0 + jh * DIH, iw0 + jw * DIW, row_ok, ci, ci_ok, H, W,
+                         stride_xc, stride_xh, stride_xw)
+        w_tap = wt_ptr + ((kh0 + jh * DKH) * KW + (kw0 + jw * DKW)).to(tl.int64) * CIN_G * COUT_G
+        b = tl.load(w_tap + (ci * COUT_G)[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, row_ok, col_ok, co_global,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """out[row, col] = act(acc + bias[co]) through the int64 offsets out_row [BLOCK_M] + out_col [BLOCK_N]."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co_global, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = _act(acc, ACT)
+    tl.store(out_ptr + out_row[:, None] + out_col[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it sits in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    return pid_m, pid_n
+
+
+# Geometry ints are not specialised (on == 1 or divisibility by 16): that only multiplies compiles.
+# Channel counts and strides are: they decide which loads vectorise.
+@triton.jit(do_not_specialize=["N", "H", "W", "KH", "KW", "SH", "SW"])
+def conv_transpose2d_gemm_kernel(
+    x_ptr,     # (N, G*CIN_G, H, W) input, any strides
+    wg_ptr,    # (G, CIN_G, KH*KW*COUT_G) pre-arranged weight, contiguous; columns in (kh, kw, co) order,
+               # or (kh, co, kw) when KW_INNER
+    bias_ptr,  # (G*COUT_G,) bias (or any pointer when HAS_BIAS is False)
+    out_ptr,   # (N, G*COUT_G, OH, OW) output, any strides; rows >= H*SH / cols >= W*SW are not written
+    N, H, W, CIN_G, COUT_G, KH, KW, SH, SW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, KW_INNER: tl.constexpr,
+    HW_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grid: (M tiles x column tiles, G). Rows m = (n, h, w); columns j = (kh, kw, co) or (kh, co, kw).
+    g = tl.program_id(1)
+    hw = H * W
+    n_cols = KH * KW * COUT_G
+
+    # Stage 1: decode the rows (input pixels) and columns (tap, output channel) of this tile.
+    if HW_CONTIG:  # x's (h, w) plane is dense (NCHW): tiles stay inside one sample, rows are contiguous
+        tiles_per_n = tl.cdiv(hw, BLOCK_M)
+        pid_m, pid_n = _swizzle(tl.program_id(0), N * tiles_per_n, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+        n = pid_m // tiles_per_n
+        p = (pid_m % tiles_per_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = p < hw
+        x_pix = p
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * hw, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = m < N * hw
+        n = m // hw
+        p = m % hw
+        x_pix = (p // W) * stride_xh + (p % W) * stride_xw
+    h = p // W
+    w = p % W
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = j < n_cols
+    if KW_INNER:  # W-contiguous output: (w, kw) pairs of neighbouring rows/columns are adjacent in memory
+        kw = j % KW
+        co = (j // KW) % COUT_G
+        kh = j // (KW * COUT_G)
+    else:  # channel-contiguous output: co innermost
+        co = j % COUT_G
+        kh = j // (KW * COUT_G)
+        kw = (j // COUT_G) % KW
+
+    # Stage 2: acc = X[rows, :] @ Wg[:, cols] over the group's CIN_G input channels.
+    x_row = n.to(tl.int64) * stride_xn + (g * CIN_G).to(tl.int64) * stride_xc
+    wg = wg_ptr + g.to(tl.int64) * CIN_G * n_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    for c0 in range(0, CIN_G, BLOCK_K):
+        ci = c0 + rk
+        ci_ok = ci < CIN_G
+        a = tl.load(x_ptr + (x_row + x_pix)[:, None] + (ci * stride_xc)[None, :], mask=row_ok[:, None] & ci_ok[None, :],
+                    other=0.0)
+        b = tl.load(wg + (ci * n_cols)[:, None] + j[None, :], mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # Stage 3: bias, activation, scatter to out[n, co, h*SH + kh, w*SW + kw].
+    co_global = g * COUT_G + co
+    out_row = n.to(tl.int64) * stride_on + (h * SH).to(tl.int64) * stride_oh + (w * SW).to(tl.int64) * stride_ow
+    out_col = co_global.to(tl.int64) * stride_oc + kh.to(tl.int64) * stride_oh + kw.to(tl.int64) * stride_ow
+    _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, row_ok, col_ok, co_global, HAS_BIAS, ACT)
+
+
+@triton.jit
+def _phase_axis(r, O, S, P, D, K, G, INV, DK):
+    """Along one axis, phase r < S (the output pixels o with (o + P) mod S == r): its first pixel o0, its
+    pixel count, the input index of its first tap at o0, that tap k0 and the number of taps.
+
+    The taps k are those with k*D = r (mod S): none unless G = gcd(D, S) divides r, else
+    k0 = (r/G) * INV mod DK with INV the inverse of D/G modulo DK = S/G, then k0 + DK, k0 + 2*DK, ... < K.
+    """
+    o0 = ((r - P) % S + S) % S  # written so that C-style remainders of negatives don't matter
+    count = (O - o0 + S - 1) // S
+    k0 = ((r // G) * INV) % DK
+    n_k = tl.where((r % G == 0) & (k0 < K), (K - k0 + DK - 1) // DK, 0)
+    base = (o0 + P - k0 * D) // S  # exact whenever n_k > 0
+    return o0, count, base, k0, n_k
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "GH", "GW",
+                                "INVH", "INVW", "DKH", "DKW", "DIH", "DIW", "num_m"])
+def conv_transpose2d_phase_kernel(
+    x_ptr,     # (N, G*CIN_G, H, W) input, any strides
+    wt_ptr,    # (G, KH, KW, CIN_G, COUT_G) pre-arranged weight, contiguous
+    bias_ptr,  # (G*COUT_G,) bias (or any pointer when HAS_BIAS is False)
+    out_ptr,   # (N, G*COUT_G, OH, OW) output, any strides
+    N, H, W, OH, OW, CIN_G, COUT_G, KH, KW, SH, SW, PH, PW, DH, DW,
+    GH, GW, INVH, INVW, DKH, DKW, DIH, DIW, num_m,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grid: (M tiles of the largest phase x Cout tiles, phase, G). Rows m = (n, th, tw) of the phase.
+    phase = tl.program_id(1)
+    g = tl.program_id(2)
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+    oh0, th_n, ih_base, kh0, n_kh = _phase_axis(phase // SW, OH, SH, PH, DH, KH, GH, INVH, DKH)
+    ow0, tw_n, iw_base, kw0, n_kw = _phase_axis(phase % SW, OW, SW, PW, DW, KW, GW, INVW, DKW)
+    m_total = N * th_n * tw_n
+    if pid_m * BLOCK_M >= m_total:  # this phase has fewer output pixels than the largest one
+        return
+
+    # Stage 1: decode rows (the phase's output pixels) and the Cout columns.
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < m_total
+    per_n = th_n * tw_n
+    n = m // per_n
+    th = (m % per_n) // tw_n
+    tw = m % tw_n
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT_G
+
+    # Stage 2: implicit GEMM over this phase's taps x the group's input channels (a phase without
+    # taps runs no iteration and gets bias + activation only).
+    x_row = n.to(tl.int64) * stride_xn + (g * CIN_G).to(tl.int64) * stride_xc
+    wt_g = wt_ptr + g.to(tl.int64) * KH * KW * CIN_G * COUT_G
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _implicit_gemm(acc, x_ptr, wt_g, x_row, th + ih_base, tw + iw_base, row_ok, co, co_ok, n_kh * n_kw,
+                         tl.maximum(n_kw, 1), kh0, kw0, DKH, DKW, DIH, DIW, KW, CIN_G, COUT_G, H, W,
+                         stride_xc, stride_xh, stride_xw, BLOCK_K, PRECISION)
+
+    # Stage 3: bias, activation, store to out[n, co, oh0 + th*SH, ow0 + tw*SW].
+    co_global = g * COUT_G + co
+    out_row = (n.to(tl.int64) * stride_on + (oh0 + th * SH).to(tl.int64) * stride_oh
+               + (ow0 + tw * SW).to(tl.int64) * stride_ow)
+    _epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok, co_ok, co_global,
+              HAS_BIAS, ACT)

@@ -1,0 +1,231 @@
+"""Transposed convolution + bias + activation (+ a write into a preallocated buffer) as torch custom ops.
+
+``torch.ops.vlfast.conv_transpose2d`` is functional and differentiable; ``torch.ops.vlfast.conv_transpose2d_out``
+writes into ``out`` (declared mutated, so ``torch.compile`` handles it) and is for inference. Both take
+the backend as their last argument. The spec is :mod:`vlfast.reference.conv_transpose`; the Triton
+kernels are in ``kernels/conv_transpose.py``, their launchers in ``conv_transpose_triton.py``.
+
+The backward uses PyTorch's own gradient ops (``aten.convolution_backward`` with ``transposed=True``,
+applied to the activation's gradient), not fused kernels.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..reference import conv_transpose as ref
+
+OP = "conv_transpose2d"
+ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+ACT_NAME = {v: k for k, v in ACT_CODE.items()}
+_aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------- shapes and layouts
+def output_shape(x_shape, w_shape, stride, padding, output_padding, groups, dilation) -> list[int]:
+    """(N, Cout, OH, OW) of a batched input of shape x_shape."""
+    n, _, h, w = x_shape
+    _, cout_g, kh, kw = w_shape
+    return [n, cout_g * groups] + [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, s, p, d, k, op in
+                                   zip((h, w), stride, padding, dilation, (kh, kw), output_padding)]
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    """The output's memory format: channels_last for a channels_last input (as cuDNN), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------- backends
+def _into_reference(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
+    return ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation,
+                                activation=ACT_NAME[activation], out=out)
+
+
+def _into_triton(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
+    from .conv_transpose_triton import conv_transpose2d_into
+    return conv_transpose2d_into(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+
+
+def _fwd_reference(x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
+    y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation,
+                             activation=ACT_NAME[activation])
+    return y.contiguous(memory_format=_format(x))
+
+
+def _fwd_triton(x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
+    out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation),
+                      dtype=x.dtype, device=x.device, memory_format=_format(x))
+    return _into_triton(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+
+
+FWD = {"reference": _fwd_reference, "triton": _fwd_triton}
+INTO = {"reference": _into_reference, "triton": _into_triton}
+
+
+# ---------------------------------------------------------------- custom ops
+@torch.library.custom_op("vlfast::conv_transpose2d", mutates_args=())
+def conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                        padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
+                        activation: int, backend: str) -> Tensor:
+    """act(F.conv_transpose2d(...)) for a 4-D input; channels_last output for a channels_last input."""
+    return FWD[backend](input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+
+
+@conv_transpose2d_op.register_fake
+def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend):
+    return torch.empty(output_shape(input.shape, weight.shape, stride, padding, output_padding, groups, dilation),
+                       dtype=input.dtype, device=input.device, memory_format=_format(input))
+
+
+@torch.library.custom_op("vlfast::conv_transpose2d_out", mutates_args=("out",))
+def conv_transpose2d_out_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                            padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
+                            activation: int, backend: str, out: Tensor) -> None:
+    """Writes act(F.conv_transpose2d(...)) into ``out`` (any strides). Not differentiable."""
+    INTO[backend](out, input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+
+
+@conv_transpose2d_out_op.register_fake
+def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend, out):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output if activation == ACT_CODE["relu"] else None)
+    ctx.args = (stride, padding, output_padding, groups, dilation, activation, backend)
+
+
+def _backward(ctx, grad):
+    x, weight, bias, y = ctx.saved_tensors
+    stride, padding, output_padding, groups, dilation, activation, backend = ctx.args
+    act = ACT_NAME[activation]
+    if act == "relu":
+        grad = _aten.threshold_backward(grad, y, 0)
+    elif act is not None:  # recompute the pre-activation output
+        z = conv_transpose2d_op(x, weight, bias, stride, padding, output_padding, groups, dilation, 0, backend)
+        grad = _aten.silu_backward(grad, z) if act == "silu" else _aten.gelu_backward(grad, z)
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    gx, gw, gb = _aten.convolution_backward(grad, x, weight, None if bias is None else list(bias.shape), stride,
+                                            padding, dilation, True, output_padding, groups, mask)
+    return gx, gw, gb if mask[2] else None, None, None, None, None, None, None, None
+
+
+conv_transpose2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- the Python entry
+def _pair(v, name: str, low: int) -> list[int]:
+    """int or a sequence of 1 or 2 ints -> [a, b], each >= low."""
+    if type(v) is int and v >= low:  # the common case, kept cheap
+        return [v, v]
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int and min(v) >= low:
+        return list(v)
+    if isinstance(v, (list, tuple, torch.Size)) and len(v) in (1, 2):
+        vals = list(v) * (2 // len(v))
+    else:
+        vals = [v, v]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in vals):
+        raise TypeError(f"{name} must be an int or a tuple of 2 ints, got {v!r}")
+    if any(x < low for x in vals):
+        what = "positive" if low == 1 else "non-negative"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return vals
+
+
+def _check_tensor(name: str, t, x: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but input has {x.dtype}; they must be the same")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+
+
+_select_at_trace = torch.compiler.assume_constant_result(backends.select)
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                     output_padding=0, groups: int = 1, dilation=1, *, activation: Optional[str] = None,
+                     out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Transposed 2-D convolution with the bias, an activation and the output write fused in.
+
+    input: (N, Cin, H, W) or unbatched (Cin, H, W), float32/float16/bfloat16 (float64 runs the
+    reference), NCHW or channels_last (no layout copy); weight: (Cin, Cout/groups, KH, KW);
+    bias: (Cout,); stride, padding, output_padding, dilation: an int or a pair; activation:
+    None, "relu", "silu" or "gelu" (erf). ``out``: a tensor of the output's shape and dtype with any
+    strides (e.g. ``buf[:, :Cout]``, a channel slice of a U-Net concat buffer) written in place and
+    returned. Without ``out`` the result is channels_last for a channels_last input, else contiguous.
+    Differentiable in input, weight and bias (backward by PyTorch's convolution_backward). Equivalent::
+
+        y = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        y = F.silu(y)        # activation="silu"
+        out.copy_(y)         # out= given
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
+    _check_tensor("weight", weight, input)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (in_channels, out_channels/groups, kH, kW), got shape "
+                         f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    cin = input.shape[-3]
+    if weight.shape[0] != cin:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} expects in_channels={weight.shape[0]}, but input "
+                         f"has {cin} channels")
+    if cin % groups:
+        raise ValueError(f"in_channels={cin} must be divisible by groups={groups}")
+    cout = weight.shape[1] * groups
+    if bias is not None:
+        _check_tensor("bias", bias, input)
+        if tuple(bias.shape) != (cout,):
+            raise ValueError(f"bias must have shape ({cout},) (out_channels), got {tuple(bias.shape)}")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    output_padding = _pair(output_padding, "output_padding", 0)
+    if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
+        raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
+                         f"{output_padding}, stride={stride}, dilation={dilation}")
+    if activation not in ACT_CODE:
+        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    shape = output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation)
+    if min(shape[2:]) <= 0:
+        raise ValueError(f"the output size {tuple(shape[2:])} is too small for input size {tuple(x.shape[2:])}, "
+                         f"stride {stride}, padding {padding}, dilation {dilation}, kernel {tuple(weight.shape[2:])}")
+    dst = None
+    if out is not None:
+        _check_tensor("out", out, input)
+        want = shape[1:] if unbatched else shape
+        if list(out.shape) != want:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(want)}")
+        dst = out.unsqueeze(0) if unbatched else out
+
+    compiling = torch.compiler.is_compiling()
+    name = (_select_at_trace if compiling else backends.select)(OP, x.device, x.dtype, backend)
+    args = (x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if dst is not None:
+        if needs_grad:  # differentiable: the functional op, then a copy autograd tracks
+            dst.copy_(conv_transpose2d_op(*args, name))
+        elif compiling:
+            conv_transpose2d_out_op(*args, name, dst)
+        else:  # inference in eager: skip the dispatcher's Python layers
+            INTO[name](dst, *args)
+        return out
+    if compiling or needs_grad:
+        y = conv_transpose2d_op(*args, name)
+    else:
+        y = FWD[name](*args)
+    return y.squeeze(0) if unbatched else y
