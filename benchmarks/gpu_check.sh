@@ -59,8 +59,9 @@ fi
 
 if want tests; then
   step "GPU tests"
-  xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n 6)
-  limit "${TEST_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects}" tests/ \
+  xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
+  # TEST_FILES / TEST_K narrow the run (e.g. to the ops changed since the last GPU run).
+  limit "${TEST_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects}" ${TEST_FILES:-tests/} \
     --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1 || status=1
 fi
 
@@ -69,13 +70,13 @@ if want group_norm; then
   step "benchmark: group_norm"
   limit "${GN_LIMIT:-240}" $PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" || status=1
 fi
+if want conv_transpose && [ -f benchmarks/bench_conv_transpose.py ]; then
+  step "benchmark: conv_transpose2d"
+  limit "${CONV_LIMIT:-240}" $PY benchmarks/bench_conv_transpose.py --json "$OUT/conv_transpose.json" "${quick[@]}" || status=1
+fi
 if want ddpm; then
   step "benchmark: ddpm step"
   limit "${DDPM_LIMIT:-150}" $PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} "${quick[@]}" || status=1
-fi
-if want conv_transpose && [ -f benchmarks/bench_conv_transpose.py ]; then
-  step "benchmark: conv_transpose2d"
-  limit 240 $PY benchmarks/bench_conv_transpose.py --json "$OUT/conv_transpose.json" "${quick[@]}" || status=1
 fi
 if want sweep; then
   step "sweep: ddpm tiles"
