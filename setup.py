@@ -28,9 +28,13 @@ def get_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # -fno-math-errno lets GCC vectorise sqrt in the CPU kernels.
-    cxx = ["-O3", "-fno-math-errno"]
-    link = []
+    # -fno-math-errno lets GCC vectorise sqrt in the CPU kernels. Python's own build flags come first
+    # on the command line; these override two of them: -g0 (no debug info: a third less compile time)
+    # and -fno-lto (some distributions' Pythons, e.g. Ubuntu's, pass -flto to every extension; on such
+    # an image a failing TORCH_CHECK crashed this extension, 2026-11-26, while the same sources built
+    # without those flags raised normally: LTO is the first suspect).
+    cxx = ["-O3", "-fno-math-errno", "-g0", "-fno-lto"]
+    link = ["-fno-lto"]
     if torch.backends.openmp.is_available() and sys.platform == "linux":
         # at::parallel_for is inline: without -fopenmp it runs on one thread.
         cxx.append("-fopenmp")
