@@ -51,5 +51,8 @@ def report(info: dict, copy_gbps: float, rows, json_path: str | None = None) -> 
     print(headline(info))
     print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     print(table(rows, copy_gbps))
+    for r in rows:
+        if r.timing is None:
+            print(f"failed: {r.op} {r.case} {r.provider}: {r.extra.get('error', 'no timing')}")
     if json_path:
         write_json(json_path, info, rows, {"copy_gbps": copy_gbps})
