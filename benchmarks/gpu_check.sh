@@ -76,7 +76,7 @@ if want conv_transpose && [ -f benchmarks/bench_conv_transpose.py ]; then
 fi
 if want ddpm; then
   step "benchmark: ddpm step"
-  limit "${DDPM_LIMIT:-150}" $PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} "${quick[@]}" || status=1
+  limit "${DDPM_LIMIT:-150}" $PY benchmarks/bench_ddpm.py --json "$OUT/ddpm.json" ${QUICK:+--quick} ${DDPM_QUICK:+--quick} "${quick[@]}" || status=1
 fi
 if want sweep; then
   step "sweep: ddpm tiles"
