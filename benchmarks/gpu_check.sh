@@ -50,9 +50,9 @@ try:
 except RuntimeError as e:
     print("raised RuntimeError as it should:", str(e).splitlines()[0])
 PYEOF
-  limit 30 $PY /tmp/vlfast_reject.py; echo "exit code $?"
-  if command -v cuda-gdb >/dev/null; then
-    limit 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY /tmp/vlfast_reject.py 2>&1 \
+  limit 30 $PY /tmp/vlfast_reject.py; rc=$?; echo "exit code $rc"
+  if [ $rc -ne 0 ] && command -v cuda-gdb >/dev/null; then
+    limit 60 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY /tmp/vlfast_reject.py 2>&1 \
       | grep -vE "^\[(New|Thread|Detaching)" | grep -E "^#|raised|signal|SIG|gomp|stdc|_C|c10" | head -60
   fi
 fi

@@ -38,6 +38,14 @@ TORCH_LIBRARY(vlfast, m) {
   m.def(
       "group_norm_fwd_kernel(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
       "Tensor? add, Tensor? scale, Tensor? shift, int activation) -> (Tensor, Tensor, Tensor)");
+  // Its backward (CUDA only): the gradients of (input, weight, bias, add, scale, shift), as
+  // group_norm_backward in vlfast/reference/group_norm.py, from the forward's mean and rstd.
+  // Each in its input's dtype and shape (input's strides for the first); an empty (0,) tensor
+  // where needs[i] is false or the input is absent.
+  m.def(
+      "group_norm_bwd_kernel(Tensor grad_out, Tensor input, int num_groups, Tensor? weight, Tensor? bias, "
+      "Tensor? add, Tensor? scale, Tensor? shift, int activation, Tensor mean, Tensor rstd, "
+      "bool[] needs) -> Tensor[]");
   // Whether this build has the CUDA kernels (False: built without CUDA).
   m.def("has_cuda() -> bool", &vlfast::has_cuda);
 }

@@ -26,9 +26,8 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which backends implement each op (every op has the reference), and the extension op behind cuda/cpp.
-OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": ("reference", "triton", "cpp"),
-               "conv_transpose2d": ("reference", "triton")}
-EXTENSION_OPS = {"ddpm_step": "ddpm_step_kernel", "group_norm": "group_norm_fwd_kernel"}
+OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": BACKENDS, "conv_transpose2d": ("reference", "triton")}
+EXTENSION_OPS = {"ddpm_step": ("ddpm_step_kernel",), "group_norm": ("group_norm_fwd_kernel", "group_norm_bwd_kernel")}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)
 _last: dict[str, str] = {}
@@ -98,8 +97,11 @@ def _device_reasons(name: str, device_type: str) -> tuple[str, ...]:
 def _op_reasons(name: str, op: str) -> tuple[str, ...]:
     if name not in OP_BACKENDS.get(op, BACKENDS):
         return (f"vlfast has no {name} kernel for {op} yet",)
-    if name in ("cuda", "cpp") and not isinstance(extension(), str) and not hasattr(torch.ops.vlfast, EXTENSION_OPS[op]):
-        return (f"this build of vlfast._C lacks {EXTENSION_OPS[op]}: rebuild it (`pip install --no-build-isolation -e .`)",)
+    if name in ("cuda", "cpp") and not isinstance(extension(), str):
+        missing = [k for k in EXTENSION_OPS[op] if not hasattr(torch.ops.vlfast, k)]
+        if missing:
+            return (f"this build of vlfast._C lacks {', '.join(missing)}: rebuild it "
+                    "(`pip install --no-build-isolation -e .`)",)
     return ()
 
 
