@@ -28,13 +28,10 @@ def get_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    # -fno-math-errno lets GCC vectorise sqrt in the CPU kernels. Python's own build flags come first
-    # on the command line; these override two of them: -g0 (no debug info: a third less compile time)
-    # and -fno-lto (some distributions' Pythons, e.g. Ubuntu's, pass -flto to every extension; on such
-    # an image a failing TORCH_CHECK crashed this extension, 2026-11-26, while the same sources built
-    # without those flags raised normally: LTO is the first suspect).
-    cxx = ["-O3", "-fno-math-errno", "-g0", "-fno-lto"]
-    link = ["-fno-lto"]
+    # -fno-math-errno lets GCC vectorise sqrt in the CPU kernels; -g0 overrides the -g of Python's own
+    # build flags (no debug info: a third less compile time).
+    cxx = ["-O3", "-fno-math-errno", "-g0"]
+    link = []
     if torch.backends.openmp.is_available() and sys.platform == "linux":
         # at::parallel_for is inline: without -fopenmp it runs on one thread.
         cxx.append("-fopenmp")
@@ -52,7 +49,29 @@ def get_extensions():
         ext = CUDAExtension("vlfast._C", sources, extra_compile_args=flags, **common)
     else:
         ext = CppExtension("vlfast._C", sources, extra_compile_args={"cxx": cxx}, **common)
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _shared_libstdcxx(BuildExtension)}
+
+
+def _shared_libstdcxx(build_ext):
+    """``build_ext`` that links libstdc++ dynamically whatever the environment's flags say.
+
+    Why: on one GPU image (torch 2.11, GCC 13, 2026-11-26) the extension came out with libstdc++
+    linked in statically (no libstdc++ in its dynamic dependencies, std::ostream code inside it); its
+    first std::ostream use, formatting a failing TORCH_CHECK's message, then crashed the process.
+    A torch extension must share the process's libstdc++ with torch.
+    """
+    static = {"-static-libstdc++", "-static-libgcc", "-static"}
+
+    class Build(build_ext):
+        def build_extensions(self):
+            for attr in ("linker_so", "linker_so_cxx", "linker_exe", "compiler_so", "compiler_so_cxx"):
+                cmd = getattr(self.compiler, attr, None)
+                if isinstance(cmd, list):
+                    setattr(self.compiler, attr, [a for a in cmd if a not in static])
+            for ext in self.extensions:
+                ext.extra_link_args = [a for a in ext.extra_link_args if a not in static]
+            super().build_extensions()
+    return Build
 
 
 def get_packages():

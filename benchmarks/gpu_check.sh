@@ -41,6 +41,8 @@ fi
 if want diagnose; then
   step "diagnose: a failing TORCH_CHECK in the extension (CPU tensors)"
   ldd vlfast/_C*.so | grep -E "gomp|stdc|c10|torch" || true
+  env | grep -iE "^(LD|C|CXX|CPP)FLAGS=" || true
+  $PY -c "import sysconfig as s; print('LDSHARED:', s.get_config_var('LDSHARED')); print('LDCXXSHARED:', s.get_config_var('LDCXXSHARED'))"
   cat > /tmp/vlfast_reject.py <<'PYEOF'
 import torch, vlfast._C
 x, coef = torch.randn(2, 3, 4, 4), torch.rand(12, 8)
