@@ -364,3 +364,15 @@ def test_tf32_cuda_is_close():
     torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
     got = conv_transpose2d(x, w, b, **conv_args(c), backend="triton")
     assert_close(got, reference(x, w, b, c, None, torch.float32)[0], torch.float32, rtol=1e-2, atol=1e-2)
+
+
+def test_auto_uses_the_kernels_only_where_they_beat_cudnn():
+    from vlfast.ops.conv_transpose import _kernels_pay
+    x = torch.randn(2, 8, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    w2, w3 = torch.randn(8, 4, 2, 2, dtype=torch.bfloat16), torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
+    one, zero = (1, 1), (0, 0)
+    assert _kernels_pay(x, w2, (2, 2), zero, one, None)                            # the U-Net up-conv
+    assert not _kernels_pay(x.float(), w2.float(), (2, 2), zero, one, None)        # fp32
+    assert not _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, None)           # NCHW ...
+    assert _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, torch.empty(0))     # ... unless writing into out
+    assert not _kernels_pay(x, w3, (2, 2), (1, 1), one, None)                      # the phase kernel

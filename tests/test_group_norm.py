@@ -196,3 +196,18 @@ def test_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), f(x), torch.float32)
+
+
+def test_auto_picks_forward_and_backward_backends_apart(monkeypatch):
+    # Under auto, the backward takes the fastest backward backend, which may differ from the forward's.
+    monkeypatch.setitem(vlfast.backends.OP_PRIORITY, "group_norm", {"cpu": ("reference",)})
+    monkeypatch.setitem(vlfast.backends.OP_PRIORITY, "group_norm_bwd", {"cpu": ("cpp", "reference")})
+    x, kw = make((2, 8, 3, 3), 4, torch.float32, "cpu", "ddpm")
+    x.requires_grad_()
+    group_norm(x, 4, **kw).sum().backward()
+    assert vlfast.last_backend("group_norm") == "reference" and vlfast.last_backend("group_norm_bwd") == "cpp"
+    want = torch.autograd.grad(ref.group_norm(x, 4, **kw).sum(), x)[0]
+    assert_close(x.grad, want, torch.float32, rtol=1e-4, atol=1e-4)
+    with vlfast.use_backend("reference"):  # a forced backend runs both directions
+        group_norm(x, 4, **kw).sum().backward()
+    assert vlfast.last_backend("group_norm_bwd") == "reference"

@@ -24,10 +24,16 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 # Fastest first, per device type. On CUDA the extension's kernel goes first: its launch costs less
 # host time than Triton's Python launcher, which dominates at diffusion-sized tensors (NOTES.md).
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+# Per-op exceptions, from the H100 runs in benchmarks/NOTES.md: the Triton GroupNorm forward takes less
+# GPU time than the CUDA one at every measured shape; its backward is the other way round.
+OP_PRIORITY = {"group_norm": {"cuda": ("triton", "cuda", "reference")},
+               "group_norm_bwd": {"cuda": ("cuda", "triton", "reference")}}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Which backends implement each op (every op has the reference), and the extension op behind cuda/cpp.
-OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": BACKENDS, "conv_transpose2d": ("reference", "triton")}
-EXTENSION_OPS = {"ddpm_step": ("ddpm_step_kernel",), "group_norm": ("group_norm_fwd_kernel", "group_norm_bwd_kernel")}
+OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": BACKENDS, "group_norm_bwd": BACKENDS,
+               "conv_transpose2d": ("reference", "triton")}
+EXTENSION_OPS = {"ddpm_step": ("ddpm_step_kernel",), "group_norm": ("group_norm_fwd_kernel", "group_norm_bwd_kernel"),
+                 "group_norm_bwd": ("group_norm_bwd_kernel",)}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)
 _last: dict[str, str] = {}
@@ -124,11 +130,19 @@ def requested() -> str:
     return _check_name(os.environ.get("VLFAST_BACKEND", "auto") or "auto")
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
-    """Resolve the backend for one call of ``op`` and remember it for :func:`last_backend`."""
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, *,
+           kernels_pay: bool = True) -> str:
+    """Resolve the backend for one call of ``op`` and remember it for :func:`last_backend`.
+
+    ``kernels_pay=False``: the caller knows that for this input the reference (PyTorch's own kernel,
+    e.g. cuDNN) is faster than vlfast's, so ``auto`` picks the reference; a forced backend still runs.
+    """
     name = _check_name(backend) if backend is not None else requested()
+    if name == "auto" and not kernels_pay:
+        name = "reference"
     if name == "auto":
-        for cand in PRIORITY.get(device.type, ("reference",)):
+        order = OP_PRIORITY.get(op, {}).get(device.type) or PRIORITY.get(device.type, ("reference",))
+        for cand in order:
             if not not_supported_reasons(cand, device, dtype, op):
                 name = cand
                 break

@@ -149,6 +149,18 @@ def _check_tensor(name: str, t, x: Tensor) -> None:
 _select_at_trace = torch.compiler.assume_constant_result(backends.select)
 
 
+def _kernels_pay(x: Tensor, weight: Tensor, stride, padding, dilation, out: Optional[Tensor]) -> bool:
+    """Whether the Triton kernels beat cuDNN on this input, so that ``auto`` picks them.
+
+    Measured on an H100 (benchmarks/NOTES.md, 2026-11-26): the k = s GEMM kernel in 16-bit with a
+    channels_last input or an ``out`` buffer ran 1.4-1.95x cuDNN; the phase kernel, fp32 (TF32 or not)
+    and NCHW inputs ran at 0.3-1.3x, so those stay with cuDNN.
+    """
+    gemm = tuple(weight.shape[2:]) == tuple(stride) and not any(padding) and all(d == 1 for d in dilation)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return gemm and x.dtype in (torch.float16, torch.bfloat16) and (channels_last or out is not None)
+
+
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
                      output_padding=0, groups: int = 1, dilation=1, *, activation: Optional[str] = None,
                      out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
@@ -213,7 +225,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         dst = out.unsqueeze(0) if unbatched else out
 
     compiling = torch.compiler.is_compiling()
-    name = (_select_at_trace if compiling else backends.select)(OP, x.device, x.dtype, backend)
+    name = (_select_at_trace if compiling else backends.select)(
+        OP, x.device, x.dtype, backend, kernels_pay=_kernels_pay(x, weight, stride, padding, dilation, dst))
     args = (x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if dst is not None:

@@ -73,13 +73,19 @@ FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cuda": _fwd_extensio
 BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cuda": _bwd_cuda, "cpp": _bwd_reference}
 
 
+def _pair(backend: str) -> tuple[str, str]:
+    """(forward, backward) backends of a backend argument: "triton" or, chosen by auto, "triton+cuda"."""
+    fwd, _, bwd = backend.partition("+")
+    return fwd, bwd or fwd
+
+
 # ---------------------------------------------------------------- custom ops
 @torch.library.custom_op("vlfast::group_norm_fwd", mutates_args=())
 def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], activation: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Fused forward; returns (out like input, mean (N, G) fp32, rstd (N, G) fp32)."""
-    out, mean, rstd = FWD[backend](input, num_groups, weight, bias, eps, add, scale, shift, activation)
+    out, mean, rstd = FWD[_pair(backend)[0]](input, num_groups, weight, bias, eps, add, scale, shift, activation)
     return out, mean.float(), rstd.float()
 
 
@@ -120,7 +126,7 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
     if grad_out is None:  # only mean or rstd was used: they carry no gradient
         grad_out = torch.zeros_like(x)
     needs = list(ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7))
-    bwd_backend = backend if backend in BWD else "reference"
+    bwd_backend = _pair(backend)[1]
     grads = group_norm_bwd(grad_out.contiguous(memory_format=_format(x)), x, num_groups, weight, bias, eps, add,
                            scale, shift, activation, mean, rstd, needs, bwd_backend)
     g = [t if need else None for t, need in zip(grads, needs)]
@@ -137,7 +143,7 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
-        out, mean, rstd = FWD[backend](x, num_groups, weight, bias, eps, add, scale, shift, activation)
+        out, mean, rstd = FWD[_pair(backend)[0]](x, num_groups, weight, bias, eps, add, scale, shift, activation)
         _setup_context(ctx, (x, num_groups, weight, bias, eps, add, scale, shift, activation, backend),
                        (out, mean, rstd))
         return out
@@ -148,7 +154,7 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
         num_groups, eps, activation, backend = ctx.args
         needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
-        grads = BWD[backend if backend in BWD else "reference"](
+        grads = BWD[_pair(backend)[1]](
             grad_out.contiguous(memory_format=_format(x)), x, num_groups, weight, bias, eps, add, scale, shift,
             activation, mean, rstd, needs)
         g = [t if need else None for t, need in zip(grads, needs)]
@@ -215,10 +221,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if _format(input) == torch.contiguous_format and not input.is_contiguous():
         input = input.contiguous()
     compiling = torch.compiler.is_compiling()
-    name = (_select_at_trace if compiling else backends.select)(OP, input.device, input.dtype, backend)
+    select = _select_at_trace if compiling else backends.select
+    name = select(OP, input.device, input.dtype, backend)
     args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, add, scale, shift))
+    if compiling or needs_grad:
+        # The backward picks its own backend (under auto the fastest backward may be another's).
+        bwd = select("group_norm_bwd", input.device, input.dtype, backend)
+        name = name if bwd == name else f"{name}+{bwd}"
     if compiling:
         return group_norm_fwd(*args, name)[0]
     # In eager, skip the custom op's Python layers: they cost more than the kernels.
