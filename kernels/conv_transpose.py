@@ -32,24 +32,7 @@ phase kernel (one [Cin/G, Cout/G] matrix per tap), Wg[G, Cin/G, kh*kw*Cout/G] fo
 import triton
 import triton.language as tl
 
-# Activation codes (vlfast.ops.conv_transpose.ACT_CODE; the same as group_norm's).
-ACT_NONE = tl.constexpr(0)
-ACT_SILU = tl.constexpr(1)
-ACT_RELU = tl.constexpr(2)
-ACT_GELU = tl.constexpr(3)
-SQRT1_2 = tl.constexpr(0.7071067811865476)
-
-
-@triton.jit
-def _act(y, ACT: tl.constexpr):
-    """act(y) in float32; NaN stays NaN (ReLU by where, not tl.maximum, which drops NaN)."""
-    if ACT == ACT_SILU:
-        y = y * tl.sigmoid(y)
-    elif ACT == ACT_RELU:
-        y = tl.where(y < 0.0, 0.0, y)
-    elif ACT == ACT_GELU:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT1_2))
-    return y
+from .activation import act as _act
 
 
 @triton.jit

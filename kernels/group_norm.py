@@ -17,39 +17,9 @@ reduction is a tl.sum or a loop in a fixed order, never an atomic: results are b
 import triton
 import triton.language as tl
 
-# Activation codes (vlfast.ops.group_norm_triton.ACT_CODES).
-ACT_NONE = tl.constexpr(0)
-ACT_SILU = tl.constexpr(1)
-ACT_RELU = tl.constexpr(2)
-ACT_GELU = tl.constexpr(3)
-SQRT1_2 = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _act(y, ACT: tl.constexpr):
-    """act(y); NaN stays NaN (ReLU by where, not tl.maximum, which drops NaN)."""
-    if ACT == ACT_SILU:
-        y = y * tl.sigmoid(y)
-    elif ACT == ACT_RELU:
-        y = tl.where(y < 0.0, 0.0, y)
-    elif ACT == ACT_GELU:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * SQRT1_2))
-    return y
-
-
-@triton.jit
-def _act_backward(g, y, ACT: tl.constexpr):
-    """g * act'(y), as PyTorch's backward of each activation computes it."""
-    if ACT == ACT_SILU:
-        sig = tl.sigmoid(y)
-        g = g * (sig * (1.0 + y * (1.0 - sig)))
-    elif ACT == ACT_RELU:
-        g = tl.where(y <= 0.0, 0.0, g)
-    elif ACT == ACT_GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(y * SQRT1_2))
-        g = g * (cdf + y * INV_SQRT_2PI * tl.exp(-0.5 * y * y))
-    return g
+from .activation import ACT_NONE
+from .activation import act as _act
+from .activation import act_backward as _act_backward
 
 
 @triton.jit

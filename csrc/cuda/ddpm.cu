@@ -5,6 +5,7 @@
 // r..r+3 (r % 4 == 0): one Philox call gives their 4 normals, and each operand
 // is read as one 4-element vector where its rows are aligned. Math in fp32.
 #include "ddpm.h"
+#include "dtype.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,19 +25,6 @@ enum : int { CLAMP_LO = N_COEF, CLAMP_HI, SCALE, ROW_LEN };  // after the row in
 
 constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Four consecutive elements: one 16-byte (fp32) or 8-byte (fp16, bf16) access.
 template <typename T>

@@ -20,6 +20,7 @@
 // the shape and the pointers allow it, single elements otherwise.
 #pragma once
 
+#include "dtype.cuh"
 #include "group_norm.h"
 
 #include <algorithm>
@@ -41,19 +42,6 @@ constexpr int kBlocksPerSm = 8;               // split kernels: blocks of kThrea
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
 enum : int { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2, ACT_GELU = 3 };
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // V consecutive elements, one access of V * sizeof(T) bytes (16 for the vector width, or one element).
 template <typename T, int V>
