@@ -274,3 +274,12 @@ def test_cuda_graph_replays_draw_fresh_noise(backend):
     assert not torch.equal(first, noise)
     want = randn_philox(3, int(state[0]) - 1, 4, 3 * 32 * 32, "cuda").reshape(noise.shape)
     assert_close(noise, want, torch.float32, rtol=1e-5, atol=2e-5)
+
+
+def test_auto_order_can_be_replaced_per_input():
+    from vlfast import backends
+    cpu = torch.device("cpu")
+    assert backends.select("ddpm_step", cpu, torch.float32, prefer=("reference", "cpp")) == "reference"
+    with backends.use_backend("cpp"):  # a forced backend is not overridden
+        assert backends.select("ddpm_step", cpu, torch.float32, prefer=("reference",)) == "cpp"
+    assert backends.select("ddpm_step", cpu, torch.float32, kernels_pay=False) == "reference"

@@ -131,17 +131,18 @@ def requested() -> str:
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, *,
-           kernels_pay: bool = True) -> str:
+           kernels_pay: bool = True, prefer: tuple[str, ...] | None = None) -> str:
     """Resolve the backend for one call of ``op`` and remember it for :func:`last_backend`.
 
-    ``kernels_pay=False``: the caller knows that for this input the reference (PyTorch's own kernel,
-    e.g. cuDNN) is faster than vlfast's, so ``auto`` picks the reference; a forced backend still runs.
+    For ``auto`` only (a forced backend always runs): ``kernels_pay=False`` says that for this input
+    the reference (PyTorch's own kernel, e.g. cuDNN) is faster than vlfast's, so it is picked;
+    ``prefer`` replaces the priority list where the caller measured another order for this input.
     """
     name = _check_name(backend) if backend is not None else requested()
     if name == "auto" and not kernels_pay:
         name = "reference"
     if name == "auto":
-        order = OP_PRIORITY.get(op, {}).get(device.type) or PRIORITY.get(device.type, ("reference",))
+        order = prefer or OP_PRIORITY.get(op, {}).get(device.type) or PRIORITY.get(device.type, ("reference",))
         for cand in order:
             if not not_supported_reasons(cand, device, dtype, op):
                 name = cand
