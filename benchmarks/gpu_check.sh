@@ -43,7 +43,8 @@ if want diagnose; then
   ldd vlfast/_C*.so | grep -E "gomp|stdc|c10|torch" || true
   env | grep -iE "^(LD|C|CXX|CPP)FLAGS=" || true
   $PY -c "import sysconfig as s; print('LDSHARED:', s.get_config_var('LDSHARED')); print('LDCXXSHARED:', s.get_config_var('LDCXXSHARED'))"
-  cat > /tmp/vlfast_reject.py <<'PYEOF'
+  reject=$(mktemp --suffix=.py)
+  cat > "$reject" <<'PYEOF'
 import torch, vlfast._C
 x, coef = torch.randn(2, 3, 4, 4), torch.rand(12, 8)
 try:
@@ -52,9 +53,9 @@ try:
 except RuntimeError as e:
     print("raised RuntimeError as it should:", str(e).splitlines()[0])
 PYEOF
-  limit 30 $PY /tmp/vlfast_reject.py; rc=$?; echo "exit code $rc"
+  limit 30 $PY "$reject"; rc=$?; echo "exit code $rc"
   if [ $rc -ne 0 ] && command -v cuda-gdb >/dev/null; then
-    limit 60 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY /tmp/vlfast_reject.py 2>&1 \
+    limit 60 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY "$reject" 2>&1 \
       | grep -vE "^\[(New|Thread|Detaching)" | grep -E "^#|raised|signal|SIG|gomp|stdc|_C|c10" | head -60
   fi
 fi
