@@ -265,6 +265,23 @@ def test_rejects_broken_contract():
     subprocess.run([sys.executable, "-c", REJECTS], check=True)
 
 
+NUMBERS_IN_ERRORS = """
+import torch, vlfast._C
+try:
+    torch.ops.vlfast.group_norm_fwd_kernel(torch.ones(2, 8, 3, 3), 3, None, None, 1e-5, None, None, None, 0)
+except RuntimeError as e:
+    assert "num_groups (3)" in str(e) and "channels (8)" in str(e), str(e)
+else:
+    raise AssertionError("no error for num_groups=3 with 8 channels")
+"""
+
+
+def test_error_messages_format_numbers():
+    # An extension linked against its own static libstdc++ loses (or crashes on) the numbers in a
+    # TORCH_CHECK message (seen 2026-11-26); setup.py keeps libstdc++ shared. In a child process.
+    subprocess.run([sys.executable, "-c", NUMBERS_IN_ERRORS], check=True)
+
+
 def test_has_cuda_and_python_ops_share_the_namespace():
     assert torch.ops.vlfast.has_cuda() == _C.WITH_CUDA
     # Python custom ops join the vlfast namespace before or after the extension's TORCH_LIBRARY block.
