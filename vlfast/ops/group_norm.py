@@ -1,9 +1,11 @@
 """GroupNorm + time-embedding add + scale-shift + activation as torch custom ops, with autograd.
 
 ``torch.ops.vlfast.group_norm_fwd`` returns ``(out, mean, rstd)``; its autograd formula calls
-``torch.ops.vlfast.group_norm_bwd``. Both take the backend as their last argument. The formula is
-in :mod:`vlfast.reference.group_norm`; the Triton kernels in ``kernels/group_norm.py``, the CPU
-forward in ``csrc/cpu/group_norm.cpp``.
+``torch.ops.vlfast.group_norm_bwd``. Both take the backend as their last argument: one name, or
+"forward+backward" (e.g. "triton+cuda") where ``auto`` picked each direction apart. The formula is
+in :mod:`vlfast.reference.group_norm`; the Triton kernels in ``kernels/group_norm.py``, the CUDA
+kernels in ``csrc/cuda/group_norm_kernels.cuh``, the CPU forward in ``csrc/cpu/group_norm.h``.
+Eager calls that need gradients go through ``_GroupNormFunction`` (same kernels, fewer Python layers).
 """
 
 import math
