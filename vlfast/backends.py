@@ -24,8 +24,9 @@ BACKENDS = ("reference", "triton", "cuda", "cpp")
 # Fastest first, per device type. On CUDA the extension's kernel goes first: its launch costs less
 # host time than Triton's Python launcher, which dominates at diffusion-sized tensors (NOTES.md).
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
-# Per-op exceptions, from the H100 runs in benchmarks/NOTES.md: the Triton GroupNorm forward takes less
-# GPU time than the CUDA one at every measured shape; its backward is the other way round.
+# Per-op exceptions, from the H100 runs in benchmarks/NOTES.md: the Triton GroupNorm forward beat the
+# CUDA one at every measured shape replayed in a CUDA graph and at most of them per call; for the
+# backward the CUDA kernels won.
 OP_PRIORITY = {"group_norm": {"cuda": ("triton", "cuda", "reference")},
                "group_norm_bwd": {"cuda": ("cuda", "triton", "reference")}}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

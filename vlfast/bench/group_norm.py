@@ -107,7 +107,8 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
                 continue
             rows.append(_time(f"{pattern} fwd", label, dtype, name, lambda fn=fn: fn(*args), device, 2 * size))
             if device.type == "cuda" and name != "torch.compile":
-                # GPU time alone: 20 calls replayed from one CUDA graph, no host launch cost.
+                # 20 calls replayed from one CUDA graph: no host launch cost (but a warm L2: inputs that
+                # fit in L2 stay there between calls, where do_bench flushes it).
                 rows.append(_time(f"{pattern} fwd", label, dtype, f"graph:{name}", lambda fn=fn: fn(*args), device,
                                   2 * size, graph=True))
             # Forward + backward on a GPU, against eager (torch.compile's backward compile is timed
