@@ -16,10 +16,9 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import conv_transpose as ref
+from ._common import ACT_CODE, ACT_NAME, memory_format
 
 OP = "conv_transpose2d"
-ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
-ACT_NAME = {v: k for k, v in ACT_CODE.items()}
 _aten = torch.ops.aten
 
 
@@ -30,13 +29,6 @@ def output_shape(x_shape, w_shape, stride, padding, output_padding, groups, dila
     _, cout_g, kh, kw = w_shape
     return [n, cout_g * groups] + [(i - 1) * s - 2 * p + d * (k - 1) + op + 1 for i, s, p, d, k, op in
                                    zip((h, w), stride, padding, dilation, (kh, kw), output_padding)]
-
-
-def _format(x: Tensor) -> torch.memory_format:
-    """The output's memory format: channels_last for a channels_last input (as cuDNN), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # ---------------------------------------------------------------- backends
@@ -53,12 +45,12 @@ def _into_triton(out, x, weight, bias, stride, padding, output_padding, groups, 
 def _fwd_reference(x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
     y = ref.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation,
                              activation=ACT_NAME[activation])
-    return y.contiguous(memory_format=_format(x))
+    return y.contiguous(memory_format=memory_format(x))
 
 
 def _fwd_triton(x, weight, bias, stride, padding, output_padding, groups, dilation, activation):
     out = torch.empty(output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation),
-                      dtype=x.dtype, device=x.device, memory_format=_format(x))
+                      dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     return _into_triton(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
 
 
@@ -78,7 +70,7 @@ def conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
 @conv_transpose2d_op.register_fake
 def _(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend):
     return torch.empty(output_shape(input.shape, weight.shape, stride, padding, output_padding, groups, dilation),
-                       dtype=input.dtype, device=input.device, memory_format=_format(input))
+                       dtype=input.dtype, device=input.device, memory_format=memory_format(input))
 
 
 @torch.library.custom_op("vlfast::conv_transpose2d_out", mutates_args=("out",))
@@ -157,7 +149,7 @@ def _kernels_pay(x: Tensor, weight: Tensor, stride, padding, dilation, out: Opti
     and NCHW inputs ran at 0.3-1.3x, so those stay with cuDNN.
     """
     gemm = tuple(weight.shape[2:]) == tuple(stride) and not any(padding) and all(d == 1 for d in dilation)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = memory_format(x) == torch.channels_last
     return gemm and x.dtype in (torch.float16, torch.bfloat16) and (channels_last or out is not None)
 
 

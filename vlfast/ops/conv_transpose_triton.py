@@ -26,24 +26,15 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._common import cdiv, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _WT_CACHE_SIZE = 32
 
 
-def _pow2(n: int) -> int:
-    # Plain Python: triton.next_power_of_2 and triton.cdiv go through Triton's constexpr-function
-    # wrapper (several µs a call).
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, _pow2(n)))
+    return max(lo, min(hi, pow2(n)))
 
 
 def precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -171,8 +162,8 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
             wg = arranged_weight(weight, groups, "gemm_kw" if kw_inner else "gemm_co")
             hw_contig = x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1  # NCHW-like: rows contiguous
             cfg = gemm_config(m, n_cols, cin_g, x.dtype)
-            m_tiles = n * _cdiv(h * w, cfg["BLOCK_M"]) if hw_contig else _cdiv(m, cfg["BLOCK_M"])
-            grid = (m_tiles * _cdiv(n_cols, cfg["BLOCK_N"]), groups)
+            m_tiles = n * cdiv(h * w, cfg["BLOCK_M"]) if hw_contig else cdiv(m, cfg["BLOCK_M"])
+            grid = (m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)
             conv_transpose2d_gemm_kernel[grid](x, wg, b, out, n, h, w, cin_g, cout_g, kh, kw, sh, sw, *x.stride(),
                                                *out.stride(), **common, KW_INNER=kw_inner, HW_CONTIG=hw_contig,
                                                **cfg)
@@ -184,10 +175,10 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
             # gives them contiguous K rows that load vectorised and pipeline, worth one pass over x.
             x = x.contiguous(memory_format=torch.channels_last)
         (gh, invh, dkh, dih), (gw, invw, dkw, diw) = phase_steps(sh, dh), phase_steps(sw, dw)
-        m_max = n * _cdiv(oh, sh) * _cdiv(ow, sw)  # the phase that starts at pixel 0 is the largest
+        m_max = n * cdiv(oh, sh) * cdiv(ow, sw)  # the phase that starts at pixel 0 is the largest
         cfg = phase_config(m_max, cout_g, cin_g, x.dtype)
-        num_m = _cdiv(m_max, cfg["BLOCK_M"])
-        grid = (num_m * _cdiv(cout_g, cfg["BLOCK_N"]), sh * sw, groups)
+        num_m = cdiv(m_max, cfg["BLOCK_M"])
+        grid = (num_m * cdiv(cout_g, cfg["BLOCK_N"]), sh * sw, groups)
         wt = arranged_weight(weight, groups, "taps")
         conv_transpose2d_phase_kernel[grid](x, wt, b, out, n, h, w, oh, ow, cin_g, cout_g, kh, kw, sh, sw, ph, pw,
                                             dh, dw, gh, gw, invh, invw, dkh, dkw, dih, diw, num_m, *x.stride(),

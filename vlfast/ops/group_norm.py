@@ -16,10 +16,9 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import group_norm as ref
+from ._common import ACT_CODE, ACT_NAME, memory_format
 
 OP = "group_norm"
-ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
-ACT_NAME = {v: k for k, v in ACT_CODE.items()}
 _GRAD_NAMES = ("input", "weight", "bias", "add", "scale", "shift")
 
 
@@ -122,17 +121,21 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (num_groups, eps, activation, backend)
 
 
-def _backward(ctx, grad_out, grad_mean, grad_rstd):
+def _input_grads(ctx, grad_out, bwd):
+    """The gradients of group_norm_fwd's ten inputs, by ``bwd`` (group_norm_bwd's signature)."""
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
     num_groups, eps, activation, backend = ctx.args
     if grad_out is None:  # only mean or rstd was used: they carry no gradient
         grad_out = torch.zeros_like(x)
-    needs = list(ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7))
-    bwd_backend = _pair(backend)[1]
-    grads = group_norm_bwd(grad_out.contiguous(memory_format=_format(x)), x, num_groups, weight, bias, eps, add,
-                           scale, shift, activation, mean, rstd, needs, bwd_backend)
+    needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
+    grads = bwd(grad_out.contiguous(memory_format=memory_format(x)), x, num_groups, weight, bias, eps, add, scale,
+                shift, activation, mean, rstd, needs, _pair(backend)[1])
     g = [t if need else None for t, need in zip(grads, needs)]
     return g[0], None, g[1], g[2], None, g[3], g[4], g[5], None, None
+
+
+def _backward(ctx, grad_out, grad_mean, grad_rstd):
+    return _input_grads(ctx, grad_out, group_norm_bwd)
 
 
 group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -153,25 +156,10 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
-        num_groups, eps, activation, backend = ctx.args
-        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
-        grads = BWD[_pair(backend)[1]](
-            grad_out.contiguous(memory_format=_format(x)), x, num_groups, weight, bias, eps, add, scale, shift,
-            activation, mean, rstd, needs)
-        g = [t if need else None for t, need in zip(grads, needs)]
-        return g[0], None, g[1], g[2], None, g[3], g[4], g[5], None, None
+        return _input_grads(ctx, grad_out, lambda *args: BWD[args[-1]](*args[:-1]))
 
 
 # ---------------------------------------------------------------- the Python entry
-def _format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
     if t is None:
         return
@@ -220,7 +208,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         _check_param(name, t, (c,), input)
     for name, t in (("add", add), ("scale", scale), ("shift", shift)):
         _check_param(name, t, (n, c), input)
-    if _format(input) == torch.contiguous_format and not input.is_contiguous():
+    if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
         input = input.contiguous()
     compiling = torch.compiler.is_compiling()
     select = _select_at_trace if compiling else backends.select

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-ACT_CODES = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+from ._common import ACT_CODE, cdiv, pow2
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
 SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
@@ -26,15 +27,6 @@ SPLIT_MIN_GROUP = 4096
 SPLIT_TILE = 4096       # elements of one tile of the split kernels
 MAX_CHUNKS = 256        # spatial chunks per (sample, channel) of the split reductions
 DEFAULT_SMS = 132       # an H100, for CPU tensors under the interpreter
-
-
-def _pow2(n: int) -> int:
-    # Plain Python: triton.next_power_of_2 goes through Triton's constexpr-function wrapper (≈ 8 µs a call).
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _warps(elements: int, most: int = 16) -> int:
@@ -59,8 +51,8 @@ def _check(x: Tensor, num_groups: int, activation) -> tuple[int, int, int, int]:
         raise TypeError(f"the Triton group_norm takes {DTYPES}, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"input must be (N, C, *), got shape {tuple(x.shape)}")
-    if activation not in ACT_CODES:
-        raise ValueError(f"activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
+    if activation not in ACT_CODE:
+        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
     n, c = x.shape[:2]
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the {c} channels")
@@ -129,7 +121,7 @@ def _vec(t: Optional[Tensor], name: str, c: int, dummy: Tensor) -> Tensor:
 
 def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_max: Optional[int],
                 device: torch.device) -> bool:
-    padded = _pow2(cpg) * _pow2(s)
+    padded = pow2(cpg) * pow2(s)
     if single_max is not None:
         return padded <= single_max
     if padded > single_pass_max(dtype, backward):
@@ -143,19 +135,19 @@ def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optiona
     spatial chunks of the reductions sized for about ``programs`` programs (default 8 per SM)."""
     tile = tile or SPLIT_TILE
     if stride_c == 1 and c > 1 and s > 1:
-        block_c = min(_pow2(c), 128, tile)
-        block_s = min(_pow2(s), max(1, tile // block_c))
+        block_c = min(pow2(c), 128, tile)
+        block_s = min(pow2(s), max(1, tile // block_c))
     else:
-        block_s = min(_pow2(s), tile)
-        block_c = min(_pow2(c), max(1, tile // block_s))
-    n_cb, n_sb = _cdiv(c, block_c), _cdiv(s, block_s)
+        block_s = min(pow2(s), tile)
+        block_c = min(pow2(c), max(1, tile // block_s))
+    n_cb, n_sb = cdiv(c, block_c), cdiv(s, block_s)
     programs = programs or 8 * _num_sms(device)
-    per_chunk = max(1, min(n_sb, n * n_cb * n_sb // programs), _cdiv(n_sb, MAX_CHUNKS))
+    per_chunk = max(1, min(n_sb, n * n_cb * n_sb // programs), cdiv(n_sb, MAX_CHUNKS))
     s_chunk = per_chunk * block_s
-    chunks = _cdiv(s, s_chunk)
-    block_p = _pow2(chunks)
+    chunks = cdiv(s, s_chunk)
+    block_p = pow2(chunks)
     return dict(BLOCK_C=block_c, BLOCK_S=block_s, n_cb=n_cb, n_sb=n_sb, S_CHUNK=s_chunk, P=chunks,
-                BLOCK_P=block_p, BLOCK_CG=min(_pow2(cpg), max(1, min(tile, 2048) // block_p)),
+                BLOCK_P=block_p, BLOCK_CG=min(pow2(cpg), max(1, min(tile, 2048) // block_p)),
                 warps=_warps(block_c * block_s, 8))
 
 
@@ -194,13 +186,13 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     cpg = c // g
     flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
         weight, bias, add, scale, shift, n, c, x)
-    act = ACT_CODES[activation]
+    act = ACT_CODE[activation]
     params = (w, b, add, scale, shift)
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
     group_size = float(cpg * s)
 
     if _use_single(n, g, cpg, s, x.dtype, False, single_max, x.device):
-        block_c, block_s = _pow2(cpg), _pow2(s)
+        block_c, block_s = pow2(cpg), pow2(s)
         group_norm_fwd_fused_kernel[(n * g,)](
             x, out, mean, rstd, *params, s, g, cpg, *strides, group_size, eps, **flags, ACT=act,
             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
@@ -262,7 +254,7 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
     cpg = c // g
     flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
         weight, bias, add, scale, shift, n, c, x)
-    act = ACT_CODES[activation]
+    act = ACT_CODE[activation]
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     params = (w, b, add, scale, shift)
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
@@ -274,7 +266,7 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
     needs_ch = dict(NEED_DADD=need_dadd, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, NEED_WB=need_wb)
 
     if _use_single(n, g, cpg, s, x.dtype, True, single_max, x.device):
-        block_c, block_s = _pow2(cpg), _pow2(s)
+        block_c, block_s = pow2(cpg), pow2(s)
         group_norm_bwd_fused_kernel[(n * g,)](
             x, dy, dx if need_dx else x, mean, rstd, *params, *outs, c, s, g, cpg, *strides, group_size,
             **flags, ACT=act, NEED_DX=need_dx, **needs_ch, BLOCK_C=block_c, BLOCK_S=block_s,
@@ -298,9 +290,9 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
                 **flags, ACT=act, BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
 
     if need_wb:
-        block_c = min(_pow2(c), 256)
-        block_n = min(_pow2(n), max(1, 2048 // block_c))
-        group_norm_bwd_wb_kernel[(_cdiv(c, block_c),)](
+        block_c = min(pow2(c), 256)
+        block_n = min(pow2(n), max(1, 2048 // block_c))
+        group_norm_bwd_wb_kernel[(cdiv(c, block_c),)](
             pwb[0], pwb[1], dw if need_dw else pwb, db if need_db else pwb, n, c, NEED_DW=need_dw,
             NEED_DB=need_db, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_warps(block_n * block_c, 8))
     return dx, dw, db, dadd, dscale, dshift

@@ -1,0 +1,30 @@
+"""What the ops' Python layers share: the activation codes of the kernels, the output memory format,
+and the integer arithmetic of launch grids."""
+
+import torch
+from torch import Tensor
+
+# The activation argument as the kernels take it (kernels/activation.py, csrc/): 0 none, 1 SiLU, 2 ReLU,
+# 3 GELU (erf).
+ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+ACT_NAME = {v: k for k, v in ACT_CODE.items()}
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last(_3d) for a tensor in that layout (and not also contiguous), else contiguous_format."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+# Plain Python: triton.next_power_of_2 and triton.cdiv go through Triton's constexpr-function wrapper,
+# several µs a call on a launcher's hot path.
+def pow2(n: int) -> int:
+    """The smallest power of two >= max(n, 1)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
