@@ -1,6 +1,7 @@
 // CPU kernel of vlfast::group_norm_fwd_kernel: the activation tiles of the output pass and the
 // torch glue (checks, allocation, the parallel phases). The kernel itself, and the notes on its
 // method, are in group_norm.h; group_norm_<dtype>.cpp compile it per dtype.
+#include "../layout.h"
 #include "group_norm.h"
 
 namespace vlfast {
@@ -179,15 +180,6 @@ TileFns tile_fns(int act) {
 namespace {
 
 // ---------------------------------------------------------------- glue
-
-// Whether the (N, *, C) permutation of x is contiguous: channels_last / channels_last_3d and their
-// analogues at other ranks.
-bool is_channels_last(const at::Tensor& x) {
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
-}
 
 // An optional (shape) parameter as a contiguous tensor of the compute dtype, after checking it.
 at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType acc) {

@@ -19,20 +19,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../layout.h"
 #include "group_norm.h"
 
 namespace vlfast {
 namespace {
 
 constexpr int64_t kActivations = 4;  // 0 none, 1 silu, 2 relu, 3 gelu
-
-// Whether the (N, *, C) permutation of x is contiguous (channels_last and its analogues at other ranks).
-bool is_channels_last(const at::Tensor& x) {
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < x.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
-}
 
 struct Shape {
   GnDtype dtype;
