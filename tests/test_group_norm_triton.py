@@ -229,3 +229,11 @@ def test_bad_arguments():
         group_norm_fwd(x, 3, activation="tanh")
     with pytest.raises(TypeError):
         group_norm_fwd(x.double(), 3)
+
+
+def test_split_path_prediction_matches_the_launcher():
+    from vlfast.ops.group_norm_triton import takes_split_path
+    # 8x512x32x32: 256 (sample, group) programs for 132 SMs, groups of 16K elements: split.
+    assert takes_split_path(torch.empty(8, 512, 32, 32, dtype=torch.bfloat16), 32)
+    # 64x128x32x32: 2048 programs, groups of 4K elements: one pass.
+    assert not takes_split_path(torch.empty(64, 128, 32, 32, dtype=torch.bfloat16), 32)

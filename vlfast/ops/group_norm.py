@@ -176,6 +176,17 @@ def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
 _select_at_trace = torch.compiler.assume_constant_result(backends.select)
 
 
+def _prefer(x: Tensor, num_groups: int) -> Optional[tuple[str, ...]]:
+    """The forward's order under ``auto`` where it is not the per-op default. H100 (benchmarks/NOTES.md,
+    2026-11-26): where the Triton forward takes its split path (three launches: 8x512x32², 4x128x256²)
+    the CUDA forward was faster per call at five of those six bf16 rows (1.1-4.0x)."""
+    if x.is_cuda and x.numel():
+        from .group_norm_triton import takes_split_path
+        if takes_split_path(x, num_groups):
+            return ("cuda", "triton", "reference")
+    return None
+
+
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, *, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
                shift: Optional[Tensor] = None, activation: Optional[str] = None,
@@ -212,7 +223,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         input = input.contiguous()
     compiling = torch.compiler.is_compiling()
     select = _select_at_trace if compiling else backends.select
-    name = select(OP, input.device, input.dtype, backend)
+    name = select(OP, input.device, input.dtype, backend, prefer=_prefer(input, num_groups))
     args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, add, scale, shift))

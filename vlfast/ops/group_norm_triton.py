@@ -119,6 +119,12 @@ def _vec(t: Optional[Tensor], name: str, c: int, dummy: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def takes_split_path(x: Tensor, num_groups: int) -> bool:
+    """Whether the forward of this input runs the split path (three launches) rather than the single pass."""
+    n, c = x.shape[:2]
+    return not _use_single(n, num_groups, c // num_groups, math.prod(x.shape[2:]), x.dtype, False, None, x.device)
+
+
 def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_max: Optional[int],
                 device: torch.device) -> bool:
     padded = pow2(cpg) * pow2(s)
