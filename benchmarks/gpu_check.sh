@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh                 # everything
 #   STEPS="build tests ddpm" bash benchmarks/gpu_check.sh
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
+#   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -14,7 +15,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose ddpm sweep"}
+STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose ddpm sweep profile"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -64,7 +65,7 @@ if want tests; then
   step "GPU tests"
   xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
   # TEST_FILES / TEST_K narrow the run (e.g. to the ops changed since the last GPU run).
-  limit "${TEST_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects or format_numbers}" ${TEST_FILES:-tests/} \
+  limit "${TEST_LIMIT:-200}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects or format_numbers or each_kernel}" ${TEST_FILES:-tests/} \
     --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1 || status=1
 fi
 
@@ -84,6 +85,19 @@ fi
 if want sweep; then
   step "sweep: ddpm tiles"
   limit 90 $PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+fi
+
+if want profile && command -v ncu >/dev/null; then
+  step "profile: hardware counters of the kernels in question (ncu, clocks left alone)"
+  metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
+  metrics+=,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed
+  metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size
+  metrics+=,launch__block_size,lts__t_sector_hit_rate.pct,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
+  metrics+=,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
+  limit "${PROFILE_LIMIT:-120}" ncu --profile-from-start off --clock-control none --nvtx --csv --page raw \
+    --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY benchmarks/profile_kernels.py ${PROFILE_CASES:+--cases "$PROFILE_CASES"} \
+    || status=1
+  $PY benchmarks/profile_kernels.py --summarize "$OUT/ncu.csv" || true
 fi
 
 step "done, status $status"

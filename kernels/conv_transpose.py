@@ -6,13 +6,20 @@ x[i] * w[k] for every tap k with o = i*s - p + k*d, i.e. i = (o + p - k*d) / s w
 Two kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a fused epilogue
 (bias, activation, a store through any output strides):
 
-- ``conv_transpose2d_gemm_kernel`` (k == s, padding 0, dilation 1: the U-Net up-conv): every input
-  pixel owns a disjoint k x k block of the output, so the layer is one GEMM
-  X[N*H*W, Cin/G] @ Wg[Cin/G, kh*kw*Cout/G] whose epilogue scatters column (kh, kw, co) of row
-  (n, h, w) to out[n, co, h*s + kh, w*s + kw]. Its columns run co-innermost for a channels_last
-  output and kw-innermost for an NCHW one, so that neighbouring lanes store to neighbouring addresses.
-- ``conv_transpose2d_phase_kernel`` (everything else): output pixels with the same (o + p) mod s
-  form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic progression
+- ``conv_transpose2d_subpixel_kernel`` (dilation 1: the U-Net up-conv, VAE k4 s2 p1, FCN's k = 2s):
+  write each tap as k = r + t*s (phase r < s, t < T = ceil(k/s)). Then o = c*s + r - p with cell
+  c = i + t, and y[c*s + r - p] = sum_t x[c - t] * w[r + t*s]: the whole layer is ONE GEMM
+  A[(n, ch, cw), (th, tw, ci)] @ Wsp[(th, tw, ci), (rh, rw, co)] with A[(n, ch, cw), (th, tw, ci)] =
+  x[n, ci, ch - th, cw - tw] (a T_h x T_w implicit-GEMM convolution of x) and Wsp[.., (rh, rw, co)] =
+  w[ci, co, rh + th*s, rw + tw*s] (0 where that tap is past the kernel), whose epilogue scatters
+  each row's s_h x s_w x Cout block to its cell of the output (depth-to-space), cropped by the
+  padding. k == s, padding 0 is the case T = 1: one input pixel per cell, a plain GEMM. The columns
+  run co-innermost for a channels_last output and rw-innermost for an NCHW one, so that
+  neighbouring lanes store to neighbouring addresses. The multiplies by padded zero taps (k not a
+  multiple of s) are the price of one dense GEMM; the launcher sends geometries where they would be
+  more than half of the work to the phase kernel.
+- ``conv_transpose2d_phase_kernel`` (dilation > 1, or k much smaller than s): output pixels with the
+  same (o + p) mod s form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic progression
   k0, k0 + dk, ... whose input row moves by -dk*d/s per tap. Each phase is an ordinary convolution
   over only its own taps (no multiply touches an inserted zero); one launch covers all s_h*s_w
   phases (grid axis 1; each program derives its phase's geometry from scalars, so nothing is
@@ -26,7 +33,8 @@ ih0 = oh - padding, DIH = +dilation, kh0 = 0, DKH = 1 (strided Conv2d: ih0 = oh*
 its weight (Cout, Cin/G, KH, KW) arranged to the same [G, KH, KW, Cin/G, Cout/G] layout.
 
 The launcher pre-arranges the weight once per weight version: Wt[G, KH, KW, Cin/G, Cout/G] for the
-phase kernel (one [Cin/G, Cout/G] matrix per tap), Wg[G, Cin/G, kh*kw*Cout/G] for the GEMM kernel.
+phase kernel (one [Cin/G, Cout/G] matrix per tap), Wsp[G, TH*TW*Cin/G, SH*SW*Cout/G] for the
+sub-pixel kernel.
 """
 
 import triton
@@ -71,14 +79,14 @@ def _implicit_gemm(acc, x_ptr, wt_ptr, x_row, ih0, iw0, row_ok, co, co_ok, n_tap
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, row_ok, col_ok, co_global,
+def _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok,
               HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
-    """out[row, col] = act(acc + bias[co]) through the int64 offsets out_row [BLOCK_M] + out_col [BLOCK_N]."""
+    """out[row, col] = act(acc + bias[co_global[col]]) through the int64 offsets out_row [BLOCK_M] + out_col
+    [BLOCK_N], where mask [BLOCK_M, BLOCK_N]; col_ok [BLOCK_N] guards the bias load."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co_global, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = _act(acc, ACT)
-    tl.store(out_ptr + out_row[:, None] + out_col[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptr + out_row[:, None] + out_col[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -94,70 +102,85 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 # Geometry ints are not specialised (on == 1 or divisibility by 16): that only multiplies compiles.
 # Channel counts and strides are: they decide which loads vectorise.
-@triton.jit(do_not_specialize=["N", "H", "W", "KH", "KW", "SH", "SW"])
-def conv_transpose2d_gemm_kernel(
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "CH0", "CW0", "CH", "CW", "SH", "SW", "PH", "PW"])
+def conv_transpose2d_subpixel_kernel(
     x_ptr,     # (N, G*CIN_G, H, W) input, any strides
-    wg_ptr,    # (G, CIN_G, KH*KW*COUT_G) pre-arranged weight, contiguous; columns in (kh, kw, co) order,
-               # or (kh, co, kw) when KW_INNER
+    wsp_ptr,   # (G, TH*TW*CIN_G, SH*SW*COUT_G) pre-arranged weight, contiguous: rows (th, tw, ci); columns
+               # (rh, rw, co), or (rh, co, rw) when RW_INNER; zero where rh + th*SH >= KH or rw + tw*SW >= KW
     bias_ptr,  # (G*COUT_G,) bias (or any pointer when HAS_BIAS is False)
-    out_ptr,   # (N, G*COUT_G, OH, OW) output, any strides; rows >= H*SH / cols >= W*SW are not written
-    N, H, W, CIN_G, COUT_G, KH, KW, SH, SW,
+    out_ptr,   # (N, G*COUT_G, OH, OW) output, any strides; only the blocks of cells [CH0, CH0+CH) x [CW0, CW0+CW)
+    N, H, W, OH, OW, CH0, CW0, CH, CW, CIN_G, COUT_G, SH, SW, PH, PW,
     stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, KW_INNER: tl.constexpr,
-    HW_CONTIG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    RW_INNER: tl.constexpr, PER_SAMPLE: tl.constexpr, LINEAR_ROWS: tl.constexpr, CROP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (M tiles x column tiles, G). Rows m = (n, h, w); columns j = (kh, kw, co) or (kh, co, kw).
+    # Grid: (M tiles x column tiles, G). Rows m = output cells (n, ch, cw); columns j = (rh, rw, co).
     g = tl.program_id(1)
-    hw = H * W
-    n_cols = KH * KW * COUT_G
+    cells = CH * CW
+    n_cols = SH * SW * COUT_G
 
-    # Stage 1: decode the rows (input pixels) and columns (tap, output channel) of this tile.
-    if HW_CONTIG:  # x's (h, w) plane is dense (NCHW): tiles stay inside one sample, rows are contiguous
-        tiles_per_n = tl.cdiv(hw, BLOCK_M)
+    # Stage 1: decode the rows (cells) and columns (phase within the cell, output channel) of this tile.
+    if PER_SAMPLE:  # x's (h, w) plane is dense (NCHW): tiles stay inside one sample, rows read neighbouring pixels
+        tiles_per_n = tl.cdiv(cells, BLOCK_M)
         pid_m, pid_n = _swizzle(tl.program_id(0), N * tiles_per_n, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
         n = pid_m // tiles_per_n
-        p = (pid_m % tiles_per_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = p < hw
-        x_pix = p
+        q = (pid_m % tiles_per_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = q < cells
     else:
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * hw, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * cells, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = m < N * hw
-        n = m // hw
-        p = m % hw
-        x_pix = (p // W) * stride_xh + (p % W) * stride_xw
-    h = p // W
-    w = p % W
+        row_ok = m < N * cells
+        n = m // cells
+        q = m % cells
+    ch = CH0 + q // CW
+    cw = CW0 + q % CW
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = j < n_cols
-    if KW_INNER:  # W-contiguous output: (w, kw) pairs of neighbouring rows/columns are adjacent in memory
-        kw = j % KW
-        co = (j // KW) % COUT_G
-        kh = j // (KW * COUT_G)
+    rh = j // (SW * COUT_G)
+    if RW_INNER:  # W-contiguous output: the s pixels of a cell row, then the next cell's, are adjacent in memory
+        rw = j % SW
+        co = (j // SW) % COUT_G
     else:  # channel-contiguous output: co innermost
         co = j % COUT_G
-        kh = j // (KW * COUT_G)
-        kw = (j // COUT_G) % KW
+        rw = (j // COUT_G) % SW
 
-    # Stage 2: acc = X[rows, :] @ Wg[:, cols] over the group's CIN_G input channels.
+    # Stage 2: acc = A @ Wsp with A[(n, ch, cw), (th, tw, ci)] = x[n, ci, ch - th, cw - tw] (0 outside the
+    # image): one flat loop over (tap, channel chunk), so that the compiler pipelines it as one K loop.
     x_row = n.to(tl.int64) * stride_xn + (g * CIN_G).to(tl.int64) * stride_xc
-    wg = wg_ptr + g.to(tl.int64) * CIN_G * n_cols
+    wsp = wsp_ptr + g.to(tl.int64) * (TH * TW * CIN_G) * n_cols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rk = tl.arange(0, BLOCK_K)
-    for c0 in range(0, CIN_G, BLOCK_K):
-        ci = c0 + rk
+    chunks = tl.cdiv(CIN_G, BLOCK_K)
+    for it in range(0, TH * TW * chunks):
+        if TH * TW == 1:
+            tap = 0
+        else:
+            tap = it // chunks
+        ci = (it - tap * chunks) * BLOCK_K + rk
         ci_ok = ci < CIN_G
-        a = tl.load(x_ptr + (x_row + x_pix)[:, None] + (ci * stride_xc)[None, :], mask=row_ok[:, None] & ci_ok[None, :],
-                    other=0.0)
-        b = tl.load(wg + (ci * n_cols)[:, None] + j[None, :], mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
+        if LINEAR_ROWS:  # one tap, cells == input pixels of a dense plane: row q reads pixel q
+            a = tl.load(x_ptr + (x_row + q)[:, None] + (ci * stride_xc)[None, :],
+                        mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+        else:
+            a = _load_x_tile(x_ptr, x_row, ch - tap // TW, cw - tap % TW, row_ok, ci, ci_ok, H, W,
+                             stride_xc, stride_xh, stride_xw)
+        b = tl.load(wsp + ((tap * CIN_G + ci) * n_cols)[:, None] + j[None, :],
+                    mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # Stage 3: bias, activation, scatter to out[n, co, h*SH + kh, w*SW + kw].
+    # Stage 3: bias, activation, scatter to out[n, co, ch*SH - PH + rh, cw*SW - PW + rw], cropped to the image.
     co_global = g * COUT_G + co
-    out_row = n.to(tl.int64) * stride_on + (h * SH).to(tl.int64) * stride_oh + (w * SW).to(tl.int64) * stride_ow
-    out_col = co_global.to(tl.int64) * stride_oc + kh.to(tl.int64) * stride_oh + kw.to(tl.int64) * stride_ow
-    _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, row_ok, col_ok, co_global, HAS_BIAS, ACT)
+    oh0 = ch * SH - PH
+    ow0 = cw * SW - PW
+    out_row = n.to(tl.int64) * stride_on + oh0.to(tl.int64) * stride_oh + ow0.to(tl.int64) * stride_ow
+    out_col = co_global.to(tl.int64) * stride_oc + rh.to(tl.int64) * stride_oh + rw.to(tl.int64) * stride_ow
+    mask = row_ok[:, None] & col_ok[None, :]
+    if CROP:  # padding, or a last cell reaching past the image
+        oh = oh0[:, None] + rh[None, :]
+        ow = ow0[:, None] + rw[None, :]
+        mask = mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+    _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok, HAS_BIAS, ACT)
 
 
 @triton.jit
@@ -222,5 +245,5 @@ def conv_transpose2d_phase_kernel(
     co_global = g * COUT_G + co
     out_row = (n.to(tl.int64) * stride_on + (oh0 + th * SH).to(tl.int64) * stride_oh
                + (ow0 + tw * SW).to(tl.int64) * stride_ow)
-    _epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok, co_ok, co_global,
-              HAS_BIAS, ACT)
+    _epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok[:, None] & co_ok[None, :],
+              co_global, co_ok, HAS_BIAS, ACT)

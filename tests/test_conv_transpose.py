@@ -12,7 +12,7 @@ from vlfast.ops.conv_transpose_triton import precision
 from vlfast.reference import conv_transpose as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import backend_params, gpu
+from conftest import DEVICES, backend_params, gpu, runnable
 
 pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -121,6 +121,59 @@ def test_forward(device, backend, dtype, channels_last, i):
     check(got, hi, lo, dtype)
     if channels_last and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and got.shape[1] > 1:
         assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def triton_device():
+    """Where the Triton kernels run here: a GPU, else CPU tensors under the interpreter (else skip)."""
+    devices = [d for d in DEVICES if "triton" in runnable(d, "conv_transpose2d")]
+    if not devices:
+        pytest.skip("no device runs the Triton kernels here")
+    return "cuda" if "cuda" in devices else devices[0]
+
+
+KERNELS = [(i, k) for i, c in enumerate(CASES) for k in ("subpixel", "phase")
+           if k == "phase" or c["dilation"] == (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
+@pytest.mark.parametrize("layouts", ["nchw-nchw", "nhwc-nhwc", "nchw-nhwc"])
+@pytest.mark.parametrize("i,kernel", KERNELS, ids=[f"{case_id(CASES[i])}-{k}" for i, k in KERNELS])
+def test_each_kernel(i, kernel, layouts, dtype):
+    """Both Triton kernels on every geometry they take (not only the one ``kernel_for`` picks), into a
+    poisoned output whose layout may differ from the input's."""
+    from vlfast.ops._common import ACT_CODE
+    from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
+    device = triton_device()
+    skip_unsupported(device, "triton", dtype)
+    c = CASES[i]
+    activation, bias = ACTS[(i + 1) % 4], i % 3 != 1
+    x, w, b = make(c, dtype, device, bias, layouts.startswith("nhwc"), seed=100 + i)
+    hi, lo = reference(x, w, b, c, activation, dtype)
+    out = torch.full(hi.shape, float("nan"), dtype=dtype, device=device)
+    if layouts.endswith("nhwc"):
+        out = out.to(memory_format=torch.channels_last)
+    conv_transpose2d_into(out, x, w, b, c["stride"], c["padding"], c["output_padding"], c["groups"],
+                          c["dilation"], ACT_CODE[activation], kernel=kernel)
+    check(out, hi, lo, dtype)
+
+
+def test_kernel_choice_and_cells():
+    from vlfast.ops.conv_transpose_triton import _cells, kernel_for
+    assert kernel_for((2, 2), (2, 2), (1, 1)) == "subpixel"         # U-Net up-conv: one tap
+    assert kernel_for((4, 4), (2, 2), (1, 1)) == "subpixel"         # VAE k4 s2 p1: 2 x 2 taps, no zero
+    assert kernel_for((64, 64), (32, 32), (1, 1)) == "subpixel"     # FCN-32s
+    assert kernel_for((3, 3), (2, 2), (1, 1)) == "subpixel"         # 16 multiplies for 9 taps
+    assert kernel_for((1, 1), (3, 3), (1, 1)) == "phase"            # 9 multiplies for 1 tap
+    assert kernel_for((3, 3), (1, 1), (2, 2)) == "phase"            # dilation
+    # (taps, first cell, cells): k4 s2 p1 on 5 pixels -> 10 outputs in cells 0..5, the first and last cropped
+    assert _cells(5, 10, 4, 2, 1) == (2, 0, 6)
+    assert _cells(5, 10, 2, 2, 0) == (1, 0, 5)                      # k == s: cells are the input pixels
+    assert _cells(5, 11, 2, 2, 0) == (1, 0, 5)                      # output_padding: cell 5 has no input
+    assert _cells(16, 512, 64, 32, 16) == (2, 0, 17)                # FCN-32s
+    with pytest.raises(ValueError, match="kernel"):
+        from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
+        x, w, b = make(CASES[10], torch.float32, "cpu")
+        conv_transpose2d_into(torch.empty(2, 5, 9, 9), x, w, b, (1, 1), (2, 2), (0, 0), 1, (2, 2), 0, kernel="subpixel")
 
 
 @pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..ops.conv_transpose import conv_transpose2d
+from ..ops._common import memory_format
+from ..ops.conv_transpose import conv_transpose2d, output_shape
+from ..ops.conv_transpose_triton import conv_transpose2d_into, kernel_for
 from .common import Row, bench, compiled, format_table
 
 # name: (N, Cin, Cout, H=W, k, stride, padding, output_padding)
@@ -125,6 +127,9 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
         fns["torch.compile"] = compiled(eager)
     for bk in _runnable(device):
         fns[f"vlfast-{bk}"] = lambda x, w, b, bk=bk: conv_transpose2d(x, w, b, **args, backend=bk)
+    k, s = geo[4], geo[5]
+    if "vlfast-triton" in fns and k != s and kernel_for((k, k), (s, s), (1, 1)) == "subpixel":
+        fns["vlfast-triton-phase"] = functools.partial(_phase_probe, args=args)  # the kernel it replaced
     if providers:
         fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
     want = _fp32_reference(x, w, b, args)
@@ -146,6 +151,16 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
                 fn(*leaves).backward(dy)
             rows.append(_time("fwd+bwd", label, dtype, name, step, device, 3 * nbytes, 3 * flops))
     return rows
+
+
+def _phase_probe(x, w, b, args):
+    """The phase kernel forced on a geometry where the sub-pixel kernel runs by default (v1 against v2)."""
+    shape = output_shape(x.shape, w.shape, (args["stride"],) * 2, (args["padding"],) * 2,
+                         (args["output_padding"],) * 2, 1, (1, 1))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    pair = lambda v: (v, v)  # noqa: E731
+    return conv_transpose2d_into(out, x, w, b, pair(args["stride"]), pair(args["padding"]),
+                                 pair(args["output_padding"]), 1, (1, 1), 0, kernel="phase")
 
 
 def _concat_case(device, geo, label, providers):

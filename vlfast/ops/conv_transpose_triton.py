@@ -2,15 +2,17 @@
 vlfast/reference/conv_transpose.py). The custom op, its autograd and the checks live in
 vlfast/ops/conv_transpose.py; :func:`conv_transpose2d_into` is its Triton backend.
 
-Paths, chosen from the geometry:
+Kernels, chosen from the geometry (``kernel_for``; ``kernel=`` forces one):
 
-- k == s, padding 0, dilation 1 (any groups, output_padding): one GEMM per group whose epilogue
-  scatters k x k blocks; the output_padding rows/columns no input pixel reaches get act(bias) from a
-  small torch fill. Either input layout is read in place (NCHW: row tiles within one sample, so
-  their loads are contiguous); the weight's columns are ordered for the output's layout;
-- everything else: the phase (sub-pixel) kernel, all s_h*s_w phases in one launch. An NCHW input
-  with 16 or more channels per group is first made channels_last (one pass over x), so that the
-  gathered input tiles have contiguous K rows.
+- dilation 1 where padded zero taps are at most half the work ("subpixel"): one GEMM over output
+  cells whose epilogue scatters each cell's s_h x s_w block (the U-Net up-conv k == s is its
+  one-tap case). Rows that no input pixel reaches (output_padding past the last cell) get act(bias)
+  from a small torch fill. An NCHW input is read in place when it has one tap (row tiles within
+  one sample, so their loads are contiguous); with several taps and 16 or more channels per group
+  it is first made channels_last (one pass over x), so that the gathered input tiles have
+  contiguous K rows;
+- everything else ("phase"): the phase (sub-pixel) kernel, all s_h*s_w phases in one launch, with
+  the same channels_last rule.
 
 The re-arranged weights are cached per weight tensor and version (``arranged_weight``): an in-place
 update (optimizer step, load_state_dict) makes a new version and is seen at the next call.
@@ -49,12 +51,13 @@ SMALL_MACS = 1 << 24
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
 
 
-def gemm_config(m: int, n_cols: int, cin_g: int, dtype: torch.dtype) -> dict:
-    """Tiles of conv_transpose2d_gemm_kernel: M = N*H*W rows, n_cols = k*k*Cout/G columns, K = Cin/G."""
+def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype) -> dict:
+    """Tiles of conv_transpose2d_subpixel_kernel: M = N*cells rows, n_cols = s_h*s_w*Cout/G columns,
+    K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps)."""
     if backends.interpret_mode():
         return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n_cols, 16, 32), BLOCK_K=16, GROUP_M=4,
                     num_warps=4, num_stages=1)
-    if m * n_cols * cin_g < SMALL_MACS:
+    if m * n_cols * k < SMALL_MACS:
         return dict(SMALL)
     fp32 = dtype == torch.float32
     block_n = 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64)
@@ -77,22 +80,30 @@ def phase_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
                 num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
 
 
-# Weight arrangements: (Cin, Cout/G, KH, KW) viewed as (G, Cin/G, Cout/G, KH, KW), then permuted.
-ORDERS = {"taps": (0, 3, 4, 1, 2),       # (G, KH, KW, Cin/G, Cout/G): the phase kernel
-          "gemm_co": (0, 1, 3, 4, 2),    # (G, Cin/G, KH, KW, Cout/G): the GEMM kernel, channel-contiguous out
-          "gemm_kw": (0, 1, 3, 2, 4)}    # (G, Cin/G, KH, Cout/G, KW): the GEMM kernel, W-contiguous out
+def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> Tensor:
+    """The weight arranged for a kernel, contiguous; cached per weight tensor and version.
 
-
-def arranged_weight(weight: Tensor, groups: int, order: str) -> Tensor:
-    """The weight permuted to ``ORDERS[order]``, contiguous; cached per weight tensor and version."""
+    weight (Cin, Cout/G, KH, KW). ``order``: "taps" -> (G, KH, KW, Cin/G, Cout/G), one matrix per tap
+    (phase kernel); "subpixel_co" / "subpixel_rw" -> (G, TH*TW*Cin/G, SH*SW*Cout/G) with rows
+    (th, tw, ci) and columns (rh, rw, co) / (rh, co, rw), entry w[ci, co, rh + th*SH, rw + tw*SW] or 0
+    past the kernel, TH = ceil(KH/SH), TW = ceil(KW/SW) (sub-pixel kernel).
+    """
     key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
-           groups, order)
+           groups, order, tuple(stride))
     hit = _WT_CACHE.get(key)
     if hit is not None and hit[0]() is weight:
         _WT_CACHE.move_to_end(key)
         return hit[1]
     cin, cout_g, kh, kw = weight.shape
-    wt = weight.detach().reshape(groups, cin // groups, cout_g, kh, kw).permute(*ORDERS[order]).contiguous()
+    w = weight.detach().reshape(groups, cin // groups, cout_g, kh, kw)
+    if order == "taps":
+        wt = w.permute(0, 3, 4, 1, 2).contiguous()
+    else:
+        (sh, sw), (th, tw) = stride, (cdiv(kh, stride[0]), cdiv(kw, stride[1]))
+        w = torch.nn.functional.pad(w, (0, tw * sw - kw, 0, th * sh - kh))  # zero taps past the kernel
+        w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)       # kh = t*SH + r
+        dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
+        wt = w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()
     try:
         _WT_CACHE[key] = (weakref.ref(weight), wt)
     except TypeError:  # a tensor subclass without weak references: no caching
@@ -100,6 +111,23 @@ def arranged_weight(weight: Tensor, groups: int, order: str) -> Tensor:
     while len(_WT_CACHE) > _WT_CACHE_SIZE:
         _WT_CACHE.popitem(last=False)
     return wt
+
+
+def kernel_for(kernel_size, stride, dilation) -> str:
+    """"subpixel" for dilation 1 when the padded zero taps are at most half of its multiplies, else "phase"."""
+    if any(d != 1 for d in dilation):
+        return "phase"
+    padded = math.prod(cdiv(k, s) * s for k, s in zip(kernel_size, stride))
+    return "subpixel" if padded <= 2 * math.prod(kernel_size) else "phase"
+
+
+def _cells(size: int, out_size: int, k: int, s: int, p: int) -> tuple[int, int, int]:
+    """Along one axis: (taps T, first cell, number of cells) of the sub-pixel kernel. Cell c covers output
+    pixels [c*s - p, c*s - p + s); only cells that some input pixel reaches (c < size + T - 1) are computed."""
+    t = cdiv(k, s)
+    first = p // s
+    end = min((out_size - 1 + p) // s + 1, size + t - 1)
+    return t, first, max(0, end - first)
 
 
 @functools.lru_cache(maxsize=256)
@@ -125,16 +153,18 @@ def _fill_uncovered(out: Tensor, bias: Optional[Tensor], activation: int, row0: 
 
 
 def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                          output_padding, groups: int, dilation, activation: int) -> Tensor:
+                          output_padding, groups: int, dilation, activation: int, *,
+                          kernel: Optional[str] = None) -> Tensor:
     """Write ``act(F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation))``
     into ``out`` and return it.
 
     x: (N, Cin, H, W), any strides; weight: (Cin, Cout/groups, KH, KW); bias: (Cout,) or None;
     out: (N, Cout, OH, OW) with any strides (e.g. a channel slice of a concat buffer), x's dtype;
-    float32/float16/bfloat16; activation: 0 none, 1 silu, 2 relu, 3 gelu (erf). Arguments are
-    assumed checked (vlfast.ops.conv_transpose.conv_transpose2d does it).
+    float32/float16/bfloat16; activation: 0 none, 1 silu, 2 relu, 3 gelu (erf). ``kernel``:
+    "subpixel" (dilation 1 only) or "phase" forces a kernel (tests, benchmarks); default
+    :func:`kernel_for`. Arguments are assumed checked (vlfast.ops.conv_transpose.conv_transpose2d does it).
     """
-    from vlfast.kernels.conv_transpose import conv_transpose2d_gemm_kernel, conv_transpose2d_phase_kernel
+    from vlfast.kernels.conv_transpose import conv_transpose2d_phase_kernel, conv_transpose2d_subpixel_kernel
 
     if x.dtype not in DTYPES:
         raise TypeError(f"the Triton conv_transpose2d takes {DTYPES}, got {x.dtype}")
@@ -142,6 +172,9 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     cout, oh, ow = out.shape[1:]
     _, cout_g, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kernel = kernel or kernel_for((kh, kw), stride, dilation)
+    if kernel not in ("subpixel", "phase") or (kernel == "subpixel" and (dh, dw) != (1, 1)):
+        raise ValueError(f"kernel must be 'phase' or, for dilation 1, 'subpixel'; got {kernel!r}")
     if out.numel() == 0:
         return out
     cin_g = cin // groups
@@ -154,20 +187,29 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     if bias is not None and not bias.is_contiguous():
         b = bias.contiguous()
     common = dict(HAS_BIAS=bias is not None, ACT=activation, PRECISION=precision(x.dtype, x.device))
+    nchw = x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1  # a dense (h, w) plane per channel
 
     with backends.device_guard(x):
-        if (kh, kw) == (sh, sw) and (ph, pw) == (0, 0) and (dh, dw) == (1, 1):
-            m, n_cols = n * h * w, kh * kw * cout_g
-            kw_inner = out.stride(3) == 1 and out.stride(1) != 1
-            wg = arranged_weight(weight, groups, "gemm_kw" if kw_inner else "gemm_co")
-            hw_contig = x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1  # NCHW-like: rows contiguous
-            cfg = gemm_config(m, n_cols, cin_g, x.dtype)
-            m_tiles = n * cdiv(h * w, cfg["BLOCK_M"]) if hw_contig else cdiv(m, cfg["BLOCK_M"])
-            grid = (m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)
-            conv_transpose2d_gemm_kernel[grid](x, wg, b, out, n, h, w, cin_g, cout_g, kh, kw, sh, sw, *x.stride(),
-                                               *out.stride(), **common, KW_INNER=kw_inner, HW_CONTIG=hw_contig,
-                                               **cfg)
-            _fill_uncovered(out, bias, activation, h * sh, w * sw)
+        if kernel == "subpixel":
+            (th, ch0, n_ch), (tw, cw0, n_cw) = _cells(h, oh, kh, sh, ph), _cells(w, ow, kw, sw, pw)
+            if n_ch and n_cw:
+                linear = (th, tw, ch0, cw0, n_ch, n_cw) == (1, 1, 0, 0, h, w) and nchw
+                if not linear and x.stride(1) != 1 and cin_g >= 16:  # see the module docstring
+                    x = x.contiguous(memory_format=torch.channels_last)
+                per_sample = linear or (x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1)
+                rw_inner = out.stride(3) == 1 and out.stride(1) != 1
+                crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
+                wsp = arranged_weight(weight, groups, "subpixel_rw" if rw_inner else "subpixel_co", stride)
+                m, n_cols = n * n_ch * n_cw, sh * sw * cout_g
+                cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype)
+                m_tiles = n * cdiv(n_ch * n_cw, cfg["BLOCK_M"]) if per_sample else cdiv(m, cfg["BLOCK_M"])
+                grid = (m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)
+                conv_transpose2d_subpixel_kernel[grid](
+                    x, wsp, b, out, n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, cin_g, cout_g, sh, sw, ph, pw,
+                    *x.stride(), *out.stride(), **common, TH=th, TW=tw, RW_INNER=rw_inner, PER_SAMPLE=per_sample,
+                    LINEAR_ROWS=linear, CROP=bool(crop), **cfg)
+            # Cells past the last input pixel (output_padding) have no taps: act(bias).
+            _fill_uncovered(out, bias, activation, max(0, (ch0 + n_ch) * sh - ph), max(0, (cw0 + n_cw) * sw - pw))
             return out
 
         if x.stride(1) != 1 and cin_g >= 16:
