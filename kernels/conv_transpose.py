@@ -100,41 +100,79 @@ def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-# Geometry ints are not specialised (on == 1 or divisibility by 16): that only multiplies compiles.
-# Channel counts and strides are: they decide which loads vectorise.
-@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "CH0", "CW0", "CH", "CW", "SH", "SW", "PH", "PW"])
+@triton.jit
+def _store_w_rows(acc, out_ptr, bias_ptr, n, g, lh0, lw0, j0, CH, CW, OH, OW, OH0, OW0, COUT_G, SH, n_cols,
+                  stride_on, stride_oc, stride_oh, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CROP: tl.constexpr,
+                  SW: tl.constexpr, ROWS: tl.constexpr, W_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Epilogue for a W-contiguous output (stride_ow == 1): acc [ROWS*W_TILE cells, BLOCK_N columns in
+    (rh, co, rw) order] holds cells [lh0, lh0 + ROWS) x [lw0, lw0 + W_TILE) of sample n. Regrouped as
+    [(rh, co), cell row, (cell, rw)], each (rh, co, cell row) is W_TILE*SW contiguous output pixels, so
+    the stores are full-width vectors instead of one scattered element per lane."""
+    RC: tl.constexpr = BLOCK_N // SW
+    j = j0 + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + g * COUT_G + (j // SW) % COUT_G, mask=j < n_cols, other=0.0).to(tl.float32)[None, :]
+    y = _act(acc, ACT).to(out_ptr.dtype.element_ty)
+    y = tl.reshape(tl.permute(tl.reshape(y, (ROWS, W_TILE, RC, SW)), (2, 0, 1, 3)), (RC, ROWS, W_TILE * SW))
+    rc = j0 // SW + tl.arange(0, RC)                  # (rh, co) pairs
+    lh = lh0 + tl.arange(0, ROWS)                     # cell rows
+    t = tl.arange(0, W_TILE * SW)                     # (cell, rw) along the output row
+    oh = OH0 + lh[None, :] * SH + (rc // COUT_G)[:, None]
+    ow = OW0 + lw0 * SW + t
+    co = g * COUT_G + rc % COUT_G
+    offs = (n.to(tl.int64) * stride_on + (co.to(tl.int64) * stride_oc)[:, None, None]
+            + (oh.to(tl.int64) * stride_oh)[:, :, None] + ow[None, None, :])
+    # Bounds along t are written as ranges of t, so that the mask stays constant over aligned runs of t and
+    # the stores vectorise: cell lw0 + t // SW < CW, and (with CROP) 0 <= ow < OW.
+    t_ok = t < (CW - lw0) * SW
+    if CROP:  # padding, or a last cell reaching past the image
+        t_ok = t_ok & (t >= -(OW0 + lw0 * SW)) & (t < OW - (OW0 + lw0 * SW))
+    mask = (rc < n_cols // SW)[:, None, None] & (lh < CH)[None, :, None] & t_ok[None, None, :]
+    if CROP:
+        mask = mask & ((oh >= 0) & (oh < OH))[:, :, None]
+    tl.store(out_ptr + offs, y, mask=mask)
+
+
+# N, H, W and SH are not specialised (on == 1 or divisibility by 16): that only multiplies compiles. Channel
+# counts, strides, output sizes and cell ranges are: they decide which loads and stores vectorise.
+@triton.jit(do_not_specialize=["N", "H", "W", "SH"])
 def conv_transpose2d_subpixel_kernel(
     x_ptr,     # (N, G*CIN_G, H, W) input, any strides
     wsp_ptr,   # (G, TH*TW*CIN_G, SH*SW*COUT_G) pre-arranged weight, contiguous: rows (th, tw, ci); columns
                # (rh, rw, co), or (rh, co, rw) when RW_INNER; zero where rh + th*SH >= KH or rw + tw*SW >= KW
     bias_ptr,  # (G*COUT_G,) bias (or any pointer when HAS_BIAS is False)
     out_ptr,   # (N, G*COUT_G, OH, OW) output, any strides; only the blocks of cells [CH0, CH0+CH) x [CW0, CW0+CW)
-    N, H, W, OH, OW, CH0, CW0, CH, CW, CIN_G, COUT_G, SH, SW, PH, PW,
+    N, H, W, OH, OW, CH0, CW0, CH, CW, OH0, OW0, CIN_G, COUT_G, SH,  # OH0 = CH0*SH - PH, OW0 = CW0*SW - PW
     stride_xn, stride_xc, stride_xh, stride_xw, stride_on, stride_oc, stride_oh, stride_ow,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    RW_INNER: tl.constexpr, PER_SAMPLE: tl.constexpr, LINEAR_ROWS: tl.constexpr, CROP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SW: tl.constexpr, RW_INNER: tl.constexpr, W_TILE: tl.constexpr, W_ROWS_STORE: tl.constexpr,
+    CROP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grid: (M tiles x column tiles, G). Rows m = output cells (n, ch, cw); columns j = (rh, rw, co).
+    # Grid: (M tiles x column tiles, G). Rows = output cells (n, ch, cw); columns j = (rh, rw, co) or (rh, co, rw).
     g = tl.program_id(1)
-    cells = CH * CW
     n_cols = SH * SW * COUT_G
+    num_n = tl.cdiv(n_cols, BLOCK_N)
 
-    # Stage 1: decode the rows (cells) and columns (phase within the cell, output channel) of this tile.
-    if PER_SAMPLE:  # x's (h, w) plane is dense (NCHW): tiles stay inside one sample, rows read neighbouring pixels
-        tiles_per_n = tl.cdiv(cells, BLOCK_M)
-        pid_m, pid_n = _swizzle(tl.program_id(0), N * tiles_per_n, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
-        n = pid_m // tiles_per_n
-        q = (pid_m % tiles_per_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = q < cells
-    else:
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * cells, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+    # Stage 1: decode the rows (cells, relative to (CH0, CW0)) and the columns (phase in the cell, channel).
+    if W_TILE > 0:  # 2-D tiles within one sample: ROWS cell rows x W_TILE cells (W-contiguous x or out)
+        ROWS: tl.constexpr = BLOCK_M // W_TILE
+        tiles_h = tl.cdiv(CH, ROWS)
+        tiles_w = tl.cdiv(CW, W_TILE)
+        pid_m, pid_n = _swizzle(tl.program_id(0), N * tiles_h * tiles_w, num_n, GROUP_M)
+        n = pid_m // (tiles_h * tiles_w)
+        lh0 = pid_m // tiles_w % tiles_h * ROWS
+        lw0 = pid_m % tiles_w * W_TILE
+        i = tl.arange(0, BLOCK_M)
+        lh = lh0 + i // W_TILE
+        lw = lw0 + i % W_TILE
+        row_ok = (lh < CH) & (lw < CW)
+    else:  # 1-D tiles over all N*CH*CW cells (channels_last x and out)
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * CH * CW, BLOCK_M), num_n, GROUP_M)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = m < N * cells
-        n = m // cells
-        q = m % cells
-    ch = CH0 + q // CW
-    cw = CW0 + q % CW
+        row_ok = m < N * CH * CW
+        n = m // (CH * CW)
+        lh = m % (CH * CW) // CW
+        lw = m % CW
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = j < n_cols
     rh = j // (SW * COUT_G)
@@ -159,28 +197,29 @@ def conv_transpose2d_subpixel_kernel(
             tap = it // chunks
         ci = (it - tap * chunks) * BLOCK_K + rk
         ci_ok = ci < CIN_G
-        if LINEAR_ROWS:  # one tap, cells == input pixels of a dense plane: row q reads pixel q
-            a = tl.load(x_ptr + (x_row + q)[:, None] + (ci * stride_xc)[None, :],
-                        mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
-        else:
-            a = _load_x_tile(x_ptr, x_row, ch - tap // TW, cw - tap % TW, row_ok, ci, ci_ok, H, W,
-                             stride_xc, stride_xh, stride_xw)
+        a = _load_x_tile(x_ptr, x_row, CH0 + lh - tap // TW, CW0 + lw - tap % TW, row_ok, ci, ci_ok, H, W,
+                         stride_xc, stride_xh, stride_xw)
         b = tl.load(wsp + ((tap * CIN_G + ci) * n_cols)[:, None] + j[None, :],
                     mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # Stage 3: bias, activation, scatter to out[n, co, ch*SH - PH + rh, cw*SW - PW + rw], cropped to the image.
-    co_global = g * COUT_G + co
-    oh0 = ch * SH - PH
-    ow0 = cw * SW - PW
-    out_row = n.to(tl.int64) * stride_on + oh0.to(tl.int64) * stride_oh + ow0.to(tl.int64) * stride_ow
-    out_col = co_global.to(tl.int64) * stride_oc + rh.to(tl.int64) * stride_oh + rw.to(tl.int64) * stride_ow
-    mask = row_ok[:, None] & col_ok[None, :]
-    if CROP:  # padding, or a last cell reaching past the image
-        oh = oh0[:, None] + rh[None, :]
-        ow = ow0[:, None] + rw[None, :]
-        mask = mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-    _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok, HAS_BIAS, ACT)
+    # Stage 3: bias, activation, and each cell's block to out[n, co, OH0 + lh*SH + rh, OW0 + lw*SW + rw],
+    # cropped to the image.
+    if W_ROWS_STORE:
+        _store_w_rows(acc, out_ptr, bias_ptr, n, g, lh0, lw0, pid_n * BLOCK_N, CH, CW, OH, OW, OH0, OW0, COUT_G, SH,
+                      n_cols, stride_on, stride_oc, stride_oh, HAS_BIAS, ACT, CROP, SW, ROWS, W_TILE, BLOCK_N)
+    else:
+        co_global = g * COUT_G + co
+        oh0 = OH0 + lh * SH
+        ow0 = OW0 + lw * SW
+        out_row = n.to(tl.int64) * stride_on + oh0.to(tl.int64) * stride_oh + ow0.to(tl.int64) * stride_ow
+        out_col = co_global.to(tl.int64) * stride_oc + rh.to(tl.int64) * stride_oh + rw.to(tl.int64) * stride_ow
+        mask = row_ok[:, None] & col_ok[None, :]
+        if CROP:
+            oh = oh0[:, None] + rh[None, :]
+            ow = ow0[:, None] + rw[None, :]
+            mask = mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok, HAS_BIAS, ACT)
 
 
 @triton.jit

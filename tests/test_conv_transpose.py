@@ -58,6 +58,8 @@ CASES = [
     case(1, 3, 4, 4, 4, 2, 3, d=3),                     # gcd(s, d) = s: both taps in one phase
     case(1, 2, 3, 3, 3, 3, 4, 1, 3, 2),                 # stride 4, dilation 2: two taps in phase 0, one in 2
     case(1, 64, 16, 2, 3, 3, 2, 1),
+    case(1, 3, 4, 2, 71, 2, 2),                         # wider than a tile of cells: several tiles per row
+    case(1, 5, 2, 3, 67, 4, 2, 1, g=1),                 # the same with two taps and a cropped border
 ]
 
 

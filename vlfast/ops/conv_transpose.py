@@ -92,14 +92,17 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, padding, output_padding, groups, dilation, activation, backend)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, forward=None):
+    """Gradients for (x, weight, bias): the activation's by aten, then aten.convolution_backward.
+    ``forward`` recomputes the pre-activation output for silu/gelu (default: the custom op)."""
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, output_padding, groups, dilation, activation, backend = ctx.args
     act = ACT_NAME[activation]
     if act == "relu":
         grad = _aten.threshold_backward(grad, y, 0)
     elif act is not None:  # recompute the pre-activation output
-        z = conv_transpose2d_op(x, weight, bias, stride, padding, output_padding, groups, dilation, 0, backend)
+        z = (forward or conv_transpose2d_op)(x, weight, bias, stride, padding, output_padding, groups, dilation, 0,
+                                             backend)
         grad = _aten.silu_backward(grad, z) if act == "silu" else _aten.gelu_backward(grad, z)
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     gx, gw, gb = _aten.convolution_backward(grad, x, weight, None if bias is None else list(bias.shape), stride,
@@ -108,6 +111,24 @@ def _backward(ctx, grad):
 
 
 conv_transpose2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ConvTranspose2dFunction(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager training: it skips the custom op's
+    Python dispatch layers (``torch.library`` dispatch and autograd wrappers), host time that a
+    forward + backward at U-Net sizes pays on every call. ``torch.compile`` traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend):
+        y = FWD[backend](x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+        _setup_context(ctx, (x, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                             backend), y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _backward(ctx, grad, forward=lambda *args: FWD[args[-1]](*args[:-1]))
 
 
 # ---------------------------------------------------------------- the Python entry
@@ -223,14 +244,16 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if dst is not None:
         if needs_grad:  # differentiable: the functional op, then a copy autograd tracks
-            dst.copy_(conv_transpose2d_op(*args, name))
+            dst.copy_(conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name))
         elif compiling:
             conv_transpose2d_out_op(*args, name, dst)
         else:  # inference in eager: skip the dispatcher's Python layers
             INTO[name](dst, *args)
         return out
-    if compiling or needs_grad:
+    if compiling:
         y = conv_transpose2d_op(*args, name)
+    elif needs_grad:  # eager training: the same forward and backward without the dispatcher's Python layers
+        y = _ConvTranspose2dFunction.apply(*args, name)
     else:
         y = FWD[name](*args)
     return y.squeeze(0) if unbatched else y

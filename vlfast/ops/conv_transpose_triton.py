@@ -7,10 +7,11 @@ Kernels, chosen from the geometry (``kernel_for``; ``kernel=`` forces one):
 - dilation 1 where padded zero taps are at most half the work ("subpixel"): one GEMM over output
   cells whose epilogue scatters each cell's s_h x s_w block (the U-Net up-conv k == s is its
   one-tap case). Rows that no input pixel reaches (output_padding past the last cell) get act(bias)
-  from a small torch fill. An NCHW input is read in place when it has one tap (row tiles within
-  one sample, so their loads are contiguous); with several taps and 16 or more channels per group
-  it is first made channels_last (one pass over x), so that the gathered input tiles have
-  contiguous K rows;
+  from a small torch fill. Where x or the output is W-contiguous (NCHW), row tiles are 2-D blocks
+  of cells within one sample, so that loads along W are contiguous, and an NCHW output is stored
+  as whole row segments (with a power-of-two stride along W). An NCHW input is read in place
+  when it has one tap; with several taps and 16 or more channels per group it is first made
+  channels_last (one pass over x), so that the gathered input tiles have contiguous K rows;
 - everything else ("phase"): the phase (sub-pixel) kernel, all s_h*s_w phases in one launch, with
   the same channels_last rule.
 
@@ -51,15 +52,22 @@ SMALL_MACS = 1 << 24
 SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
 
 
-def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype) -> dict:
+def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool = True) -> dict:
     """Tiles of conv_transpose2d_subpixel_kernel: M = N*cells rows, n_cols = s_h*s_w*Cout/G columns,
-    K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps)."""
+    K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps). ``wide`` allows
+    256-column tiles: only for one tap and no crop, with a channel-contiguous or row-segment store
+    (compiled for sm_90 with Triton 3.6, 2026-11-26: 198-242 registers and no spills there; with two
+    taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not)."""
     if backends.interpret_mode():
         return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n_cols, 16, 32), BLOCK_K=16, GROUP_M=4,
                     num_warps=4, num_stages=1)
     if m * n_cols * k < SMALL_MACS:
         return dict(SMALL)
     fp32 = dtype == torch.float32
+    if wide and not fp32 and m >= 4096 and n_cols >= 256 and cin_g >= 64:
+        # The best of the plain-pointer configs on the U-Net up-conv's GEMM (8192x2048x1024) and a 3x3 conv's
+        # (32768x256x2304) in the shared H100 Triton probe: 538 and 453 TF/s against 498-508 and 420 for 128x128.
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     block_n = 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64)
     block_k = _clamp_pow2(cin_g, 16, 32 if fp32 else 64)
     return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
@@ -119,6 +127,11 @@ def kernel_for(kernel_size, stride, dilation) -> str:
         return "phase"
     padded = math.prod(cdiv(k, s) * s for k, s in zip(kernel_size, stride))
     return "subpixel" if padded <= 2 * math.prod(kernel_size) else "phase"
+
+
+def _w_contiguous(t: Tensor) -> bool:
+    """Neighbouring W positions are neighbours in memory and channels are not (NCHW-like)."""
+    return t.stride(3) == 1 and t.stride(1) != 1
 
 
 def _cells(size: int, out_size: int, k: int, s: int, p: int) -> tuple[int, int, int]:
@@ -187,27 +200,31 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     if bias is not None and not bias.is_contiguous():
         b = bias.contiguous()
     common = dict(HAS_BIAS=bias is not None, ACT=activation, PRECISION=precision(x.dtype, x.device))
-    nchw = x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1  # a dense (h, w) plane per channel
 
     with backends.device_guard(x):
         if kernel == "subpixel":
             (th, ch0, n_ch), (tw, cw0, n_cw) = _cells(h, oh, kh, sh, ph), _cells(w, ow, kw, sw, pw)
             if n_ch and n_cw:
-                linear = (th, tw, ch0, cw0, n_ch, n_cw) == (1, 1, 0, 0, h, w) and nchw
-                if not linear and x.stride(1) != 1 and cin_g >= 16:  # see the module docstring
+                if (th, tw) != (1, 1) and x.stride(1) != 1 and cin_g >= 16:  # see the module docstring
                     x = x.contiguous(memory_format=torch.channels_last)
-                per_sample = linear or (x.stride(3) == 1 and x.stride(2) == w and x.stride(1) != 1)
                 rw_inner = out.stride(3) == 1 and out.stride(1) != 1
-                crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
-                wsp = arranged_weight(weight, groups, "subpixel_rw" if rw_inner else "subpixel_co", stride)
                 m, n_cols = n * n_ch * n_cw, sh * sw * cout_g
-                cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype)
-                m_tiles = n * cdiv(n_ch * n_cw, cfg["BLOCK_M"]) if per_sample else cdiv(m, cfg["BLOCK_M"])
-                grid = (m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)
-                conv_transpose2d_subpixel_kernel[grid](
-                    x, wsp, b, out, n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, cin_g, cout_g, sh, sw, ph, pw,
-                    *x.stride(), *out.stride(), **common, TH=th, TW=tw, RW_INNER=rw_inner, PER_SAMPLE=per_sample,
-                    LINEAR_ROWS=linear, CROP=bool(crop), **cfg)
+                crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
+                # An NCHW output is stored as whole row segments when the stride along W is a power of two.
+                w_rows = rw_inner and sw & (sw - 1) == 0
+                wide = (th, tw) == (1, 1) and not crop and (w_rows or not rw_inner)
+                cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype, wide)
+                w_rows = w_rows and cfg["BLOCK_N"] % sw == 0
+                w_tile = min(pow2(n_cw), cfg["BLOCK_M"]) if w_rows or _w_contiguous(x) else 0
+                if w_tile:
+                    m_tiles = n * cdiv(n_ch, cfg["BLOCK_M"] // w_tile) * cdiv(n_cw, w_tile)
+                else:
+                    m_tiles = cdiv(m, cfg["BLOCK_M"])
+                wsp = arranged_weight(weight, groups, "subpixel_rw" if rw_inner else "subpixel_co", stride)
+                conv_transpose2d_subpixel_kernel[(m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)](
+                    x, wsp, b, out, n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, ch0 * sh - ph, cw0 * sw - pw, cin_g, cout_g,
+                    sh, *x.stride(), *out.stride(), **common, TH=th, TW=tw, SW=sw, RW_INNER=rw_inner, W_TILE=w_tile,
+                    W_ROWS_STORE=w_rows, CROP=bool(crop), **cfg)
             # Cells past the last input pixel (output_padding) have no taps: act(bias).
             _fill_uncovered(out, bias, activation, max(0, (ch0 + n_ch) * sh - ph), max(0, (cw0 + n_cw) * sw - pw))
             return out
