@@ -6,6 +6,8 @@ NCHW (stride_s = 1) and channels_last (stride_c = 1) run without layout copies; 
 strides. Two paths each way:
 
 - single pass: one program per (sample, group) holds the whole group in registers and reads x once;
+  with unit channel stride (channels_last), one program per GPP consecutive groups of a sample, so
+  that each position is read as one run of GPP * C/G channels rather than C/G;
 - split: per-channel partials over (sample, channel block, spatial chunk) go to a float32 buffer,
   one program per (sample, group) combines them in a fixed order, and an elementwise kernel over
   (sample, channel block, spatial block) writes the output.
@@ -87,6 +89,68 @@ def group_norm_fwd_fused_kernel(
     tl.store(out_ptr + base + c * stride_c + s * stride_s, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
+
+
+@triton.jit
+def _per_channel(v, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[GPP] values of the groups -> [1, GPP * BLOCK_C], each repeated over its group's BLOCK_C channels."""
+    return tl.reshape(tl.broadcast_to(v[:, None], [GPP, BLOCK_C]), [1, GPP * BLOCK_C])
+
+
+@triton.jit
+def _group_sums(t, GPP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_S, GPP * BLOCK_C] -> [GPP]: per-channel sums over the positions, then over each group's channels."""
+    return tl.sum(tl.reshape(tl.sum(t, axis=0), [GPP, BLOCK_C]), axis=1)
+
+
+@triton.jit
+def group_norm_fwd_fused_groups_kernel(
+    x_ptr,      # (N, C, S) input, strides (stride_n, stride_c, stride_s); fast with stride_c = 1
+    out_ptr,    # (N, C, S) output, x's dtype and strides
+    mean_ptr,   # (N, G) float32 mean of each group
+    rstd_ptr,   # (N, G) float32 1 / sqrt(var + eps)
+    w_ptr,      # (C,) weight
+    b_ptr,      # (C,) bias
+    add_ptr,    # (N, C) added before the statistics, row stride stride_an
+    scale_ptr,  # (N, C) scale, row stride stride_scn
+    shift_ptr,  # (N, C) shift, row stride stride_shn
+    S, G, stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn, group_size, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, CPG: tl.constexpr, GPP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The single pass over GPP consecutive groups of one sample (channels_last): the tile is
+    [BLOCK_S positions, GPP * BLOCK_C channels], channels the inner axis, so each position is read as
+    one run of GPP * CPG channels; column t of the tile is channel t % BLOCK_C of group t // BLOCK_C."""
+    pid = tl.program_id(0)
+    n = pid // (G // GPP)
+    g0 = pid % (G // GPP) * GPP
+    # Stage 1: the GPP groups (GPP x BLOCK_C >= C/G channels, BLOCK_S >= S positions) into registers.
+    t = tl.arange(0, GPP * BLOCK_C)[None, :]
+    if CPG == BLOCK_C:  # no padding: one contiguous run, an all-true channel mask (full-width vector loads)
+        c = g0 * CPG + t
+        cmask = tl.full([1, GPP * BLOCK_C], True, tl.int1)
+    else:
+        c = g0 * CPG + t // BLOCK_C * CPG + t % BLOCK_C
+        cmask = t % BLOCK_C < CPG
+    s = tl.arange(0, BLOCK_S)[:, None]
+    mask = cmask & (s < S)
+    base = n.to(tl.int64) * stride_n
+    a, w, b, k, sh = _channel_params(n, c, cmask, w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, stride_an,
+                                     stride_scn, stride_shn, HAS_W, HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    h = tl.load(x_ptr + base + c * stride_c + s * stride_s, mask=mask, other=0.0).to(tl.float32) + a
+
+    # Stage 2: two-pass statistics of each group in float32.
+    mean = _group_sums(tl.where(mask, h, 0.0), GPP, BLOCK_C) / group_size
+    d = tl.where(mask, h - _per_channel(mean, GPP, BLOCK_C), 0.0)
+    rstd = tl.rsqrt(_group_sums(d * d, GPP, BLOCK_C) / group_size + eps)
+
+    # Stage 3: normalise, affine, scale-shift, activation; write.
+    y = _act(d * (_per_channel(rstd, GPP, BLOCK_C) * w * k) + (b * k + sh), ACT)
+    tl.store(out_ptr + base + c * stride_c + s * stride_s, y.to(out_ptr.dtype.element_ty), mask=mask)
+    grp = n.to(tl.int64) * G + g0 + tl.arange(0, GPP)
+    tl.store(mean_ptr + grp, mean)
+    tl.store(rstd_ptr + grp, rstd)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """The Triton GroupNorm launchers (vlfast.ops.group_norm_triton) against the float64 reference.
 
 CPU tensors under TRITON_INTERPRET=1 (set by conftest): small shapes; the split path is forced with
-``single_max=0`` and small tiles so that its loops and chunking run.
+``single_max=0`` and small tiles so that its loops and chunking run, and the groups per single-pass
+program with ``groups_per_program`` (path ids ``gpp<k>``).
 """
 
 import math
@@ -66,9 +67,16 @@ def reference_grads(x, groups, kw, act, dy, compute_dtype):
     return out.detach(), [None if t is None else next(grads) for t in leaves]
 
 
-def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, **opts):
+def path_opts(path):
+    """Launcher overrides of a test path: "single" (the heuristics), "split", "gpp<k>" (k groups a program)."""
+    if path == "split":
+        return SPLIT
+    return dict(groups_per_program=int(path[3:])) if path.startswith("gpp") else {}
+
+
+def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, groups_per_program=None, **opts):
     out, mean, rstd = group_norm_fwd(x, groups, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"],
-                                     kw["shift"], act, **opts)
+                                     kw["shift"], act, groups_per_program=groups_per_program, **opts)
     grads = group_norm_bwd(dy, x, groups, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
                            mean, rstd, needs, **opts)
     return out, mean, rstd, grads
@@ -140,9 +148,36 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape,groups,dtype,layout,pattern,path,affine", CASES)
+# The single pass with several groups a program (forced; the backward runs on its mean and rstd):
+# channels_last, C/G not a power of two (3 channels: padded tiles), spatial 1x1 and primes.
+GPP_CASES = [
+    # every pattern, C=24 G=8 (C/G = 3), fp32
+    *[case((2, 24, 5, 7), 8, layout="nhwc", pattern=p, path="gpp4") for p in PATTERNS],
+    *[case((2, 24, 5, 7), 8, layout="nhwc", pattern="all-relu", path=f"gpp{k}") for k in (0, 1, 2, 8)],
+    case((2, 24, 5, 7), 8, layout="nhwc", pattern="plain", path="gpp2", affine=False),
+    case((2, 24, 5, 7), 8, layout="nhwc", pattern="adm", path="gpp8", affine=False),
+    # C/G a power of two (an unpadded run of channels), C=12 G=4, 1x1, N = 1
+    *[case((2, 32, 3, 5), 8, layout="nhwc", pattern="ddpm", path=f"gpp{k}") for k in (2, 8)],
+    *[case((2, 12, 7, 3), 4, layout="nhwc", pattern="scale-gelu", path=f"gpp{k}") for k in (2, 4)],
+    case((3, 24, 1, 1), 8, layout="nhwc", pattern="adm", path="gpp8"),
+    case((3, 16, 1, 1), 4, layout="nhwc", pattern="ddpm", path="gpp2"),
+    case((1, 12, 11, 3), 4, layout="nhwc", pattern="shift", path="gpp4"),
+    # fp16 / bf16
+    *[case((2, 24, 5, 7), 8, dt, "nhwc", pat, f"gpp{k}") for dt in (torch.float16, torch.bfloat16)
+      for pat, k in (("ddpm", 2), ("adm", 4), ("add-relu", 8))],
+    case((2, 32, 3, 5), 8, torch.bfloat16, "nhwc", "all-relu", "gpp4"),
+    case((3, 24, 1, 1), 8, torch.bfloat16, "nhwc", "adm", "gpp2"),
+    # rank 3 with unit channel stride, rank 5 channels_last_3d, rank 2; NCHW (correct, not fast)
+    case((2, 12, 13), 4, layout="ncl-t", pattern="adm", path="gpp2"),
+    case((2, 12, 3, 2, 5), 4, layout="nhwc", pattern="ddpm", path="gpp4"),
+    case((5, 12), 4, pattern="adm", path="gpp4"),
+    case((2, 24, 5, 7), 8, pattern="all-relu", path="gpp2"),
+]
+
+
+@pytest.mark.parametrize("shape,groups,dtype,layout,pattern,path,affine", CASES + GPP_CASES)
 def test_forward_backward(shape, groups, dtype, layout, pattern, path, affine):
-    check_all(shape, groups, dtype, layout, pattern, affine, **(SPLIT if path == "split" else {}))
+    check_all(shape, groups, dtype, layout, pattern, affine, **path_opts(path))
 
 
 def test_mixed_dtypes():
@@ -168,6 +203,31 @@ def test_path_choice():
     assert cfg["P"] <= gnt.MAX_CHUNKS and cfg["S_CHUNK"] % cfg["BLOCK_S"] == 0
 
 
+def test_groups_per_program_choice(monkeypatch):
+    """Channels_last widens a single-pass program to several groups; NCHW keeps one."""
+    cpu = torch.device("cpu")
+    pick = gnt.default_groups_per_program
+    assert pick(2, 64, 32, 5 * 7, torch.float32, 1, cpu) == 16  # 2 channels x 4 bytes x 16 = 128 bytes
+    assert pick(2, 64, 32, 5 * 7, torch.float32, 5 * 7, cpu) == 0  # NCHW: the one-group kernel
+    assert pick(2, 256, 32, 8 * 8, torch.bfloat16, 1, cpu) == 8  # 8 channels x 2 bytes x 8 = 128 bytes
+    assert pick(2, 96, 32, 8 * 8, torch.bfloat16, 1, cpu) == 32  # C/G = 3: 16 groups are 96 bytes, 32 are 192
+    assert pick(64, 128, 32, 32 * 32, torch.bfloat16, 1, cpu) == 4  # 8 would leave 256 < 2 * 132 programs
+    assert pick(16, 256, 32, 64 * 64, torch.bfloat16, 1, cpu) == 1  # one group fills the register budget
+    # The launcher runs what the rule picks.
+    from vlfast.kernels import group_norm as kernels
+    real, launched = kernels.group_norm_fwd_fused_groups_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append((grid, kw["GPP"]))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "group_norm_fwd_fused_groups_kernel", Spy())
+    check_all((2, 64, 5, 7), 32, torch.float32, "nhwc", "ddpm")
+    assert launched == [((4,), 16)]
+
+
 @pytest.mark.parametrize("path", ["single", "split"])
 def test_deterministic(path):
     opts = SPLIT if path == "split" else {}
@@ -179,12 +239,13 @@ def test_deterministic(path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("path", ["single", "split", "gpp4"])
 def test_nan_propagates_to_its_group(path):
-    opts = SPLIT if path == "split" else {}
-    x, kw, act = make_inputs((2, 8, 5, 7), 4, torch.float32, "nchw", "ddpm")
+    layout = "nhwc" if path == "gpp4" else "nchw"  # gpp4: one program holds all four groups
+    x, kw, act = make_inputs((2, 8, 5, 7), 4, torch.float32, layout, "ddpm")
     x[1, 3, 2, 4] = float("nan")  # sample 1, group 1 (channels 2, 3)
-    out, mean, rstd = group_norm_fwd(x, 4, kw["weight"], kw["bias"], 1e-5, kw["add"], None, None, "relu", **opts)
+    out, mean, rstd = group_norm_fwd(x, 4, kw["weight"], kw["bias"], 1e-5, kw["add"], None, None, "relu",
+                                     **path_opts(path))
     assert out[1, 2:4].isnan().all() and mean[1, 1].isnan() and rstd[1, 1].isnan()
     out[1, 2:4] = 0.0
     mean[1, 1] = rstd[1, 1] = 0.0
@@ -229,6 +290,9 @@ def test_bad_arguments():
         group_norm_fwd(x, 3, activation="tanh")
     with pytest.raises(TypeError):
         group_norm_fwd(x.double(), 3)
+    for gpp in (-1, 2, 3):  # G = 3: 2 does not divide it, -1 and 3 are not powers of two
+        with pytest.raises(ValueError, match="groups_per_program"):
+            group_norm_fwd(x, 3, groups_per_program=gpp)
 
 
 def test_split_path_prediction_matches_the_launcher():

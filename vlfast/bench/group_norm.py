@@ -15,6 +15,7 @@ from ..ops.group_norm import group_norm
 from .common import Row, bench, bench_graph, compiled
 
 G = 32
+PROBES = ("vlfast-triton-split", "vlfast-triton-v2")  # forward-only tuning probes
 # (N, C, H, W, dtype, channels_last): the shapes of the shared anchors.
 GPU_CASES = [
     (64, 128, 32, 32, torch.float32, False), (64, 128, 32, 32, torch.bfloat16, False),
@@ -45,15 +46,15 @@ def fused(pattern, backend):
     return ddpm if pattern == "ddpm" else adm
 
 
-def split_triton(pattern):
-    """The Triton forward forced onto its split path (statistics pass, then apply): a tuning probe."""
+def forced_triton(pattern, **opts):
+    """The Triton forward with its heuristics overridden (e.g. ``single_max=0``: the split path): a tuning probe."""
     from ..ops.group_norm_triton import group_norm_fwd
 
     def ddpm(x, w, b, temb, scale, shift):
-        return group_norm_fwd(x, G, w, b, 1e-5, temb, None, None, "silu", single_max=0)[0]
+        return group_norm_fwd(x, G, w, b, 1e-5, temb, None, None, "silu", **opts)[0]
 
     def adm(x, w, b, temb, scale, shift):
-        return group_norm_fwd(x, G, w, b, 1e-5, None, scale, shift, "silu", single_max=0)[0]
+        return group_norm_fwd(x, G, w, b, 1e-5, None, scale, shift, "silu", **opts)[0]
     return ddpm if pattern == "ddpm" else adm
 
 
@@ -89,7 +90,9 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
             fns["torch.compile"] = compiled(eager(pattern))
         fns.update({f"vlfast-{bk}": fused(pattern, bk) for bk in runnable})
         if device.type == "cuda" and "triton" in runnable:
-            fns["vlfast-triton-split"] = split_triton(pattern)  # the split path even where a group fits
+            fns["vlfast-triton-split"] = forced_triton(pattern, single_max=0)  # the split path even where a group fits
+            if channels_last:  # the one-group single-pass kernel, as before v3
+                fns["vlfast-triton-v2"] = forced_triton(pattern, groups_per_program=0)
         if providers:
             fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
         want = eager(pattern)(*(t.double() for t in args))
@@ -113,7 +116,7 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
                                   2 * size, graph=True))
             # Forward + backward on a GPU, against eager (torch.compile's backward compile is timed
             # only with VLFAST_BENCH_COMPILE_BWD=1: it costs minutes over all shapes).
-            if device.type == "cuda" and name != "vlfast-triton-split" and (
+            if device.type == "cuda" and name not in PROBES and (
                     name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD")):
                 leaves = [t.detach().requires_grad_() for t in args]
 

@@ -7,6 +7,8 @@ Paths, chosen from the shape (or forced with ``single_max``):
 - single pass, when the group padded to powers of two (C/G channels x S positions) holds at most
   ``single_pass_max(dtype)`` elements and there are enough (sample, group) programs: one kernel that
   reads x once (backward: one kernel reading x and dy once, plus a tiny dweight/dbias reduction);
+  the forward on channels-contiguous inputs gives each program several groups of a sample
+  (:func:`default_groups_per_program`, or forced with ``groups_per_program``);
 - split otherwise: stats -> finalize -> apply (backward: partial sums -> group terms -> dx -> dweight/dbias).
 """
 
@@ -24,6 +26,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
 # A group this large with fewer than 2 * SMs (sample, group) programs takes the split path.
 SPLIT_MIN_GROUP = 4096
+# Channels_last single pass: one program widens to several groups until a position's run of channels
+# spans this many bytes (a 128-byte line: four 32-byte sectors), within the register budget.
+GPP_TARGET_BYTES = 128
 SPLIT_TILE = 4096       # elements of one tile of the split kernels
 MAX_CHUNKS = 256        # spatial chunks per (sample, channel) of the split reductions
 DEFAULT_SMS = 132       # an H100, for CPU tensors under the interpreter
@@ -135,6 +140,34 @@ def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_
     return not (n * g < 2 * _num_sms(device) and cpg * s >= SPLIT_MIN_GROUP)
 
 
+def default_groups_per_program(n: int, c: int, g: int, s: int, dtype: torch.dtype, stride_c: int,
+                               device: torch.device) -> int:
+    """Which single-pass forward kernel runs, as the ``groups_per_program`` that :func:`group_norm_fwd` picks:
+    0 for the one-group kernel (spatial positions contiguous: NCHW), k >= 1 for the channel-run kernel
+    with k consecutive groups of one sample per program (channels contiguous: channels_last).
+
+    With contiguous channels the channels of one group at one position are a run of only
+    C/G * element_size bytes (8 for 4 bf16 channels), and a program reading them alone leaves most of
+    each 32-byte sector it touches unused. So: the smallest power of two GPP dividing G whose run of
+    GPP * C/G channels reaches GPP_TARGET_BYTES, doubling only while GPP groups padded to powers of two
+    still fit ``single_pass_max(dtype)`` and the N*G/GPP programs stay >= 2 * SMs (the last waived for
+    shapes with fewer programs than that to begin with: small, launch-bound ones). Even GPP = 1 runs
+    the channel-run kernel there: its C/G is a compile-time constant, so a power-of-two run loads as
+    whole vectors (compiled for sm_90, 16x256x64x64 bf16: 16-byte loads and no spills, where the
+    one-group kernel issued 2-byte loads and spilled).
+    """
+    if stride_c != 1 or c == 0:
+        return 0
+    cpg = c // g
+    run, padded = cpg * dtype.itemsize, pow2(cpg) * pow2(s)
+    enough = 2 * _num_sms(device)
+    gpp = 1
+    while (g % (2 * gpp) == 0 and 2 * gpp * padded <= single_pass_max(dtype) and gpp * run < GPP_TARGET_BYTES
+           and (n * g // (2 * gpp) >= enough or n * g < enough)):
+        gpp *= 2
+    return gpp
+
+
 def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optional[int],
                   programs: Optional[int], device: torch.device) -> dict:
     """Tiles of the split kernels: channel-major tiles when channels are contiguous, else spatial-major;
@@ -161,22 +194,29 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                    eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
                    shift: Optional[Tensor] = None, activation: Optional[str] = None, *,
                    single_max: Optional[int] = None, split_tile: Optional[int] = None,
-                   split_programs: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   split_programs: Optional[int] = None,
+                   groups_per_program: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused GroupNorm forward; returns ``(out, mean, rstd)``.
 
     x: (N, C, *) float32/float16/bfloat16, NCHW-contiguous, channels_last(_3d) or (N, C, L) with unit
     channel stride (other layouts are copied to contiguous); weight, bias: (C,); add, scale, shift:
     (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype and strides;
     mean, rstd: (N, G) float32. ``single_max`` (padded group elements; 0 forces the split path),
-    ``split_tile`` and ``split_programs`` override the heuristics (tests, benchmarks). Equivalent::
+    ``split_tile``, ``split_programs`` and ``groups_per_program`` (the single-pass kernel: 0 the
+    one-group kernel, k >= 1 the channel-run kernel with k groups a program, a power of two dividing G;
+    any layout) override the heuristics (tests, benchmarks). Equivalent::
 
         h = x + add[:, :, None, None]
         out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
     """
     from vlfast.kernels.group_norm import (group_norm_apply_kernel, group_norm_finalize_kernel,
-                                           group_norm_fwd_fused_kernel, group_norm_stats_kernel)
+                                           group_norm_fwd_fused_groups_kernel, group_norm_fwd_fused_kernel,
+                                           group_norm_stats_kernel)
 
     n, c, g, s = _check(x, num_groups, activation)
+    gpp = groups_per_program
+    if gpp is not None and gpp != 0 and (gpp < 0 or gpp & (gpp - 1) or g % gpp):
+        raise ValueError(f"groups_per_program={gpp} must be 0 or a power of two dividing num_groups={g}")
     x, (stride_n, stride_c, stride_s) = _view_ncs(x)
     out = torch.empty_like(x)
     if out.stride() != x.stride():  # empty_like keeps the strides of dense tensors; guard anyway
@@ -199,9 +239,16 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
     if _use_single(n, g, cpg, s, x.dtype, False, single_max, x.device):
         block_c, block_s = pow2(cpg), pow2(s)
-        group_norm_fwd_fused_kernel[(n * g,)](
-            x, out, mean, rstd, *params, s, g, cpg, *strides, group_size, eps, **flags, ACT=act,
-            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
+        if gpp is None:
+            gpp = default_groups_per_program(n, c, g, s, x.dtype, stride_c, x.device)
+        if gpp == 0:
+            group_norm_fwd_fused_kernel[(n * g,)](
+                x, out, mean, rstd, *params, s, g, cpg, *strides, group_size, eps, **flags, ACT=act,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
+        else:
+            group_norm_fwd_fused_groups_kernel[(n * g // gpp,)](
+                x, out, mean, rstd, *params, s, g, *strides, group_size, eps, **flags, ACT=act, CPG=cpg,
+                GPP=gpp, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(gpp * block_c * block_s))
         return out, mean, rstd
 
     cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
