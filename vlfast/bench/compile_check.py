@@ -149,6 +149,23 @@ def group_norm_case(n, c, g, hw, channels_last: bool, dtype: str = "bf16") -> Co
                         _warps(gpp * block_c * block_s))
 
 
+def group_norm_bwd_case(n, c, g, hw, dtype: str = "bf16") -> Compiled:
+    """The single-pass GroupNorm backward of the ddpm pattern, NCHW, every gradient needed."""
+    from vlfast.kernels import group_norm as kernels
+    from vlfast.ops.group_norm_triton import _warps
+
+    cpg = c // g
+    block_c, block_s = _pow2(cpg), _pow2(hw)
+    ints = dict(C=c, S=hw, G=g, CPG=cpg, stride_n=c * hw, stride_c=hw, stride_s=1, stride_an=c, stride_scn=c,
+                stride_shn=c)
+    consts = dict(HAS_W=True, HAS_B=True, HAS_ADD=True, HAS_SCALE=False, HAS_SHIFT=False, ACT=1, NEED_DX=True,
+                  NEED_DADD=True, NEED_DSCALE=False, NEED_DSHIFT=False, NEED_WB=True, BLOCK_C=block_c, BLOCK_S=block_s)
+    types = {name: dtype for name in ("x_ptr", "dy_ptr", "dx_ptr", "add_ptr", "dadd_ptr")}
+    types.update({name: "fp32" for name in ("mean_ptr", "rstd_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr",
+                                            "dscale_ptr", "dshift_ptr", "pdb_ptr", "pdw_ptr")})
+    return compile_sm90(kernels.group_norm_bwd_fused_kernel, types, ints, consts, _warps(2 * block_c * block_s))
+
+
 CASES = {
     "conv N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_case(8, 1024, 512, 32, 2, 2, 0, False, False),
     "conv N8 1024-512 32 k2s2 bf16 NCHW": lambda: conv_transpose_case(8, 1024, 512, 32, 2, 2, 0, True, True),
@@ -158,6 +175,7 @@ CASES = {
     "gn 16x256x64x64 bf16 NCHW": lambda: group_norm_case(16, 256, 32, 64 * 64, False),
     "gn 16x256x64x64 bf16 NHWC": lambda: group_norm_case(16, 256, 32, 64 * 64, True),
     "gn 64x128x32x32 bf16 NHWC": lambda: group_norm_case(64, 128, 32, 32 * 32, True),
+    "gn backward 64x128x32x32 bf16 NCHW": lambda: group_norm_bwd_case(64, 128, 32, 32 * 32),
 }
 
 

@@ -64,9 +64,10 @@ def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype,
     if m * n_cols * k < SMALL_MACS:
         return dict(SMALL)
     fp32 = dtype == torch.float32
-    if wide and not fp32 and m >= 4096 and n_cols >= 256 and cin_g >= 64:
+    if wide and not fp32 and m >= 4096 and n_cols >= 256 and cin_g >= 256:
         # The best of the plain-pointer configs on the U-Net up-conv's GEMM (8192x2048x1024) and a 3x3 conv's
         # (32768x256x2304) in the shared H100 Triton probe: 538 and 453 TF/s against 498-508 and 420 for 128x128.
+        # Not below K = 256: a short K loop leaves one 256-column tile an SM mostly storing (unmeasured).
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     block_n = 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64)
     block_k = _clamp_pow2(cin_g, 16, 32 if fp32 else 64)
