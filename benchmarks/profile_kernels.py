@@ -32,12 +32,27 @@ def _gn(n, c, h, w, channels_last, backend, **force):
     return lambda: vlfast.ops.group_norm(x, 32, wt, b, add=add, activation="silu", backend=backend)
 
 
-def _conv(n, cin, cout, h, k, s, p, kernel):
-    x = torch.randn(n, cin, h, h, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+def _gn_train(n, c, h, w, channels_last):
+    """Forward + backward through ``backend="auto"`` (the Triton forward, the CUDA backward)."""
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    wt = torch.randn(c, device="cuda", requires_grad=True)
+    b = torch.randn(c, device="cuda", requires_grad=True)
+    add = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    return lambda: vlfast.ops.group_norm(x, 32, wt, b, add=add, activation="silu").backward(dy)
+
+
+def _conv(n, cin, cout, h, k, s, p, kernel, nchw=False):
+    x = torch.randn(n, cin, h, h, device="cuda", dtype=torch.bfloat16)
+    x = x if nchw else x.to(memory_format=torch.channels_last)
     w = (torch.randn(cin, cout, k, k, device="cuda") / math.sqrt(cin * k * k)).to(torch.bfloat16)
     b = torch.randn(cout, device="cuda", dtype=torch.bfloat16)
     oh = (h - 1) * s - 2 * p + k
-    out = torch.empty(n, cout, oh, oh, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    out = torch.empty(n, cout, oh, oh, device="cuda", dtype=torch.bfloat16)
+    out = out if nchw else out.to(memory_format=torch.channels_last)
     return lambda: conv_transpose2d_into(out, x, w, b, (s, s), (p, p), (0, 0), 1, (1, 1), 0, kernel=kernel)
 
 
@@ -48,7 +63,11 @@ CASES = {
     "gn-64x128x32-nhwc-triton": lambda: _gn(64, 128, 32, 32, True, "triton"),
     "gn-16x256x64-nchw-cuda": lambda: _gn(16, 256, 64, 64, False, "cuda"),
     "gn-4x128x256-nchw-triton-split": lambda: _gn(4, 128, 256, 256, False, None, single_max=0),
+    "gn-train-16x256x64-nchw-auto": lambda: _gn_train(16, 256, 64, 64, False),
+    "gn-train-16x256x64-nhwc-auto": lambda: _gn_train(16, 256, 64, 64, True),
     "conv-N8-1024-512-32-k2s2-subpixel": lambda: _conv(8, 1024, 512, 32, 2, 2, 0, "subpixel"),
+    "conv-N8-1024-512-32-k2s2-subpixel-nchw": lambda: _conv(8, 1024, 512, 32, 2, 2, 0, "subpixel", nchw=True),
+    "conv-N8-128-64-128-k2s2-subpixel": lambda: _conv(8, 128, 64, 128, 2, 2, 0, "subpixel"),
     "conv-N8-256-128-64-k4s2p1-subpixel": lambda: _conv(8, 256, 128, 64, 4, 2, 1, "subpixel"),
     "conv-N8-256-128-64-k4s2p1-phase": lambda: _conv(8, 256, 128, 64, 4, 2, 1, "phase"),
     "conv-N8-21-21-16-k64s32p16-subpixel": lambda: _conv(8, 21, 21, 16, 64, 32, 16, "subpixel"),
@@ -98,7 +117,7 @@ def main():
     names = [c for c in args.cases.split(",") if c] or list(CASES)
     for name in names:
         run = CASES[name]()
-        with torch.no_grad():
+        with torch.set_grad_enabled(name.startswith("gn-train")):
             run()  # compile, warm up
             torch.cuda.synchronize()
             torch.cuda.nvtx.range_push(name)
