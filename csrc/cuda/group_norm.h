@@ -3,8 +3,9 @@
 // vlfast/reference/group_norm.py (forward and the written-out group_norm_backward).
 //
 // Element (n, c, s) of x, out, dy and dx sits at (n * C + c) * S + s (NCHW) or at
-// (n * S + s) * C + c (channels-last). The per-channel operands are float32 and contiguous:
-// weight, bias (C,); add, scale, shift (N, C); mean, rstd (N, G).
+// (n * S + s) * C + c (channels-last). The per-channel operands are contiguous: weight, bias (C,)
+// and add, scale, shift (N, C) in their own float dtypes (read as GnVec, so that a bf16 model's
+// parameters need no conversion launch); mean, rstd (N, G) float32.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,12 @@ enum GnDtype : int { GN_F32 = 0, GN_F16 = 1, GN_BF16 = 2 };
 // fit in shared memory runs the split path).
 enum GnPath : int { GN_PATH_AUTO = 0, GN_PATH_ONEPASS = 1, GN_PATH_SPLIT = 2 };
 
+// A contiguous per-channel operand in its own dtype; ptr null when the operand is absent.
+struct GnVec {
+  const void* ptr;
+  GnDtype dtype;
+};
+
 struct GnDeviceInfo {
   int sms;             // multiprocessors
   int64_t smem_optin;  // shared memory a block may opt in to (bytes)
@@ -26,11 +33,11 @@ struct GnDeviceInfo {
 struct GroupNormFwdParams {
   const void* x;  // (N, C, S) dtype
   void* out;      // (N, C, S) dtype, x's layout
-  const float* weight;  // (C,) or null (ones)
-  const float* bias;    // (C,) or null (zeros)
-  const float* add;     // (N, C) or null: added to x before the statistics
-  const float* scale;   // (N, C) or null: y * (1 + scale)
-  const float* shift;   // (N, C) or null
+  GnVec weight;         // (C,) or absent (ones)
+  GnVec bias;           // (C,) or absent (zeros)
+  GnVec add;            // (N, C) or absent: added to x before the statistics
+  GnVec scale;          // (N, C) or absent: y * (1 + scale)
+  GnVec shift;          // (N, C) or absent
   float* mean;          // (N, G) out
   float* rstd;          // (N, G) out: 1 / sqrt(var + eps)
   float* work;          // plan.work_floats float32 of scratch (split path), or null
@@ -44,11 +51,7 @@ struct GroupNormBwdParams {
   const void* dy;  // (N, C, S) dtype, x's layout: grad of out
   const void* x;   // (N, C, S) dtype
   void* dx;        // (N, C, S) dtype, x's layout, or null (not needed)
-  const float* weight;
-  const float* bias;
-  const float* add;
-  const float* scale;
-  const float* shift;
+  GnVec weight, bias, add, scale, shift;
   const float* mean;  // (N, G) from the forward
   const float* rstd;  // (N, G) from the forward
   float* dweight;     // (C,) or null (not needed)

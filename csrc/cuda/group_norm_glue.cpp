@@ -51,16 +51,26 @@ Shape check_input(const at::Tensor& input, int64_t num_groups, int64_t activatio
   return {gd, cl, N, C, N * C != 0 ? input.numel() / (N * C) : 0, num_groups};
 }
 
-// An optional (shape) parameter as a contiguous float32 tensor, after checking it; undefined when absent.
+// An optional (shape) parameter, contiguous, after checking it; undefined when absent. float32, float16 and
+// bfloat16 stay as they are (the kernels read them as GnVec: no conversion launch); other float dtypes
+// (float64) become float32. `as_float` converts to float32 whatever the dtype (mean, rstd).
 at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape,
-                 const at::Tensor& input) {
+                 const at::Tensor& input, bool as_float = false) {
   if (!t.has_value()) return at::Tensor();
   TORCH_CHECK(t->device() == input.device(), "group_norm: ", name, " must be on ", input.device(), ", got ",
               t->device());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), "group_norm: ", name, " must be a floating tensor, got ",
               t->scalar_type());
   TORCH_CHECK(t->sizes() == shape, "group_norm: ", name, " must have shape ", shape, ", got ", t->sizes());
-  return t->to(at::kFloat).contiguous();
+  const auto dt = t->scalar_type();
+  const bool kept = !as_float && (dt == at::kHalf || dt == at::kBFloat16);
+  return t->to(kept ? dt : at::kFloat).contiguous();
+}
+
+GnVec vec(const at::Tensor& t) {
+  if (!t.defined()) return {nullptr, GN_F32};
+  const auto dt = t.scalar_type();
+  return {t.const_data_ptr(), dt == at::kHalf ? GN_F16 : dt == at::kBFloat16 ? GN_BF16 : GN_F32};
 }
 
 const float* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
@@ -116,11 +126,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(
   GroupNormFwdParams p{};
   p.x = input.const_data_ptr();
   p.out = out.mutable_data_ptr();
-  p.weight = ptr(w);
-  p.bias = ptr(b);
-  p.add = ptr(a);
-  p.scale = ptr(sc);
-  p.shift = ptr(sf);
+  p.weight = vec(w);
+  p.bias = vec(b);
+  p.add = vec(a);
+  p.scale = vec(sc);
+  p.shift = vec(sf);
   p.mean = mean.mutable_data_ptr<float>();
   p.rstd = rstd.mutable_data_ptr<float>();
   p.N = sh.N;
@@ -156,7 +166,8 @@ std::vector<at::Tensor> group_norm_bwd_cuda(
   const at::Tensor w = param(weight, "weight", {sh.C}, input), b = param(bias, "bias", {sh.C}, input);
   const at::Tensor a = param(add, "add", {sh.N, sh.C}, input), sc = param(scale, "scale", {sh.N, sh.C}, input);
   const at::Tensor sf = param(shift, "shift", {sh.N, sh.C}, input);
-  const at::Tensor m = param(mean, "mean", {sh.N, sh.G}, input), r = param(rstd, "rstd", {sh.N, sh.G}, input);
+  const at::Tensor m = param(mean, "mean", {sh.N, sh.G}, input, true);
+  const at::Tensor r = param(rstd, "rstd", {sh.N, sh.G}, input, true);
 
   const bool need_dx = needs.get(0), need_dw = needs.get(1) && w.defined(), need_db = needs.get(2) && b.defined();
   const bool need_dadd = needs.get(3) && a.defined(), need_dscale = needs.get(4) && sc.defined();
@@ -185,11 +196,11 @@ std::vector<at::Tensor> group_norm_bwd_cuda(
     p.dy = dy.const_data_ptr();
     p.x = input.const_data_ptr();
     p.dx = need_dx ? dx.mutable_data_ptr() : nullptr;
-    p.weight = ptr(w);
-    p.bias = ptr(b);
-    p.add = ptr(a);
-    p.scale = ptr(sc);
-    p.shift = ptr(sf);
+    p.weight = vec(w);
+    p.bias = vec(b);
+    p.add = vec(a);
+    p.scale = vec(sc);
+    p.shift = vec(sf);
     p.mean = ptr(m);
     p.rstd = ptr(r);
     p.dweight = mut(dw);

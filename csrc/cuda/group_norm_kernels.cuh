@@ -64,6 +64,16 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = q;
 }
 
+// Element i of a per-channel operand as float, whatever its storage dtype; `absent` when it is absent.
+__device__ __forceinline__ float ld(const GnVec& v, int64_t i, float absent) {
+  if (!v.ptr) return absent;
+  switch (v.dtype) {
+    case GN_F16: return to_float(static_cast<const __half*>(v.ptr)[i]);
+    case GN_BF16: return to_float(static_cast<const __nv_bfloat16*>(v.ptr)[i]);
+    default: return static_cast<const float*>(v.ptr)[i];
+  }
+}
+
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
@@ -181,7 +191,7 @@ __global__ void __launch_bounds__(kOnepassThreads) gn_fwd_onepass(const GroupNor
   const float K = to_float(x[0]);
   float sums[2] = {0.0f, 0.0f};  // sum of (x - K), sum of add over the channels
   for (int j = tid; j < Cg; j += nt) {
-    const float a = p.add ? p.add[n * C + g * Cg + j] : 0.0f;
+    const float a = ld(p.add, n * C + g * Cg + j, 0.0f);
     ch_a[j] = a;
     sums[1] += a;
   }
@@ -230,8 +240,8 @@ __global__ void __launch_bounds__(kOnepassThreads) gn_fwd_onepass(const GroupNor
   // Stage 3: per channel, out = act((x - K) * alpha + beta); write from shared memory.
   for (int j = tid; j < Cg; j += nt) {
     const int64_t c = g * Cg + j, nc = n * C + c;
-    const float w = p.weight ? p.weight[c] : 1.0f, b = p.bias ? p.bias[c] : 0.0f;
-    const float k = p.scale ? 1.0f + p.scale[nc] : 1.0f, sh = p.shift ? p.shift[nc] : 0.0f;
+    const float w = ld(p.weight, c, 1.0f), b = ld(p.bias, c, 0.0f);
+    const float k = 1.0f + ld(p.scale, nc, 0.0f), sh = ld(p.shift, nc, 0.0f);
     const float alpha = rstd * w * k;
     ch_alpha[j] = alpha;
     ch_beta[j] = (ch_a[j] - dm) * alpha + (b * k + sh);
@@ -255,7 +265,7 @@ __global__ void __launch_bounds__(kOnepassThreads) gn_fwd_onepass(const GroupNor
 struct PartialArgs {
   const void* x;   // (N, C, S)
   const void* dy;  // (N, C, S), backward only
-  const float *weight, *bias, *add, *scale, *shift;
+  GnVec weight, bias, add, scale, shift;
   const float *mean, *rstd;  // (N, G), backward only
   float* part;               // (NS, N, C, chunks) out
   int64_t N, C, S, G, chunk, chunks;
@@ -272,15 +282,15 @@ template <typename T, bool BWD>
 __device__ __forceinline__ ChanConst chan_const(const PartialArgs& a, int64_t n, int64_t c) {
   ChanConst k{};
   const int64_t nc = n * a.C + c, Cg = a.C / a.G, g = c / Cg;
-  k.a = a.add ? a.add[nc] : 0.0f;
+  k.a = ld(a.add, nc, 0.0f);
   if constexpr (!BWD) {
     const int64_t off = a.cl ? n * a.S * a.C + g * Cg : (n * a.C + g * Cg) * a.S;
     k.k0 = to_float(static_cast<const T*>(a.x)[off]);
   } else {
     k.k0 = a.mean[n * a.G + g];
     k.k1 = a.rstd[n * a.G + g];
-    const float w = a.weight ? a.weight[c] : 1.0f, b = a.bias ? a.bias[c] : 0.0f;
-    const float s = a.scale ? 1.0f + a.scale[nc] : 1.0f, sh = a.shift ? a.shift[nc] : 0.0f;
+    const float w = ld(a.weight, c, 1.0f), b = ld(a.bias, c, 0.0f);
+    const float s = 1.0f + ld(a.scale, nc, 0.0f), sh = ld(a.shift, nc, 0.0f);
     k.k2 = w * s;
     k.k3 = b * s + sh;
   }
@@ -416,9 +426,9 @@ __global__ void __launch_bounds__(kThreads) gn_fwd_finalize(const GroupNormFwdPa
   }
   for (int64_t j = threadIdx.x; j < Cg; j += blockDim.x) {
     const int64_t c = g * Cg + j, nc = n * C + c;
-    const float w = p.weight ? p.weight[c] : 1.0f, b = p.bias ? p.bias[c] : 0.0f;
-    const float k = p.scale ? 1.0f + p.scale[nc] : 1.0f, sh = p.shift ? p.shift[nc] : 0.0f;
-    const float a = p.add ? p.add[nc] : 0.0f;
+    const float w = ld(p.weight, c, 1.0f), b = ld(p.bias, c, 0.0f);
+    const float k = 1.0f + ld(p.scale, nc, 0.0f), sh = ld(p.shift, nc, 0.0f);
+    const float a = ld(p.add, nc, 0.0f);
     const float alpha = rstd * w * k;
     coef[nc] = make_float4(K, alpha, (a - dm) * alpha + (b * k + sh), 0.0f);
   }
@@ -468,7 +478,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_group(const GroupNormBwdParam
   float m[2] = {0.0f, 0.0f};
   for (int64_t j = threadIdx.x; j < Cg; j += blockDim.x) {
     const int64_t c = g * Cg + j, nc = n * C + c;
-    const float e = (p.weight ? p.weight[c] : 1.0f) * (p.scale ? 1.0f + p.scale[nc] : 1.0f);
+    const float e = ld(p.weight, c, 1.0f) * (1.0f + ld(p.scale, nc, 0.0f));
     m[0] += e * chunk_sum(0, nc);
     m[1] += e * chunk_sum(1, nc);
   }
@@ -476,8 +486,8 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_group(const GroupNormBwdParam
   const float L = static_cast<float>(Cg * p.S), m1 = m[0] / L, m2 = m[1] / L;
   for (int64_t j = threadIdx.x; j < Cg; j += blockDim.x) {
     const int64_t c = g * Cg + j, nc = n * C + c;
-    const float w = p.weight ? p.weight[c] : 1.0f, b = p.bias ? p.bias[c] : 0.0f;
-    const float k = p.scale ? 1.0f + p.scale[nc] : 1.0f, sh = p.shift ? p.shift[nc] : 0.0f;
+    const float w = ld(p.weight, c, 1.0f), b = ld(p.bias, c, 0.0f);
+    const float k = 1.0f + ld(p.scale, nc, 0.0f), sh = ld(p.shift, nc, 0.0f);
     const float A = chunk_sum(0, nc), B = chunk_sum(1, nc), e = w * k;
     if (p.dshift) p.dshift[nc] = A;
     if (p.dscale) p.dscale[nc] = w * B + b * A;
@@ -485,7 +495,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_group(const GroupNormBwdParam
     if (pdb) pdb[nc] = k * A;
     if (pdw) pdw[nc] = k * B;
     if (tab) {
-      tab[2 * nc] = make_float4(p.add ? p.add[nc] : 0.0f, mean, rstd, e);
+      tab[2 * nc] = make_float4(ld(p.add, nc, 0.0f), mean, rstd, e);
       tab[2 * nc + 1] = make_float4(b * k + sh, m1, m2, 0.0f);
     }
   }
