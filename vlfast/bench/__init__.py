@@ -1,5 +1,8 @@
 """Benchmarks of every vlfast op against eager PyTorch and torch.compile (``python -m vlfast bench``)."""
 
+import signal
+import threading
+
 from .common import Row, copy_bandwidth, format_table, headline, machine, write_json
 
 OPS = ("ddpm", "group_norm", "conv_transpose")
@@ -18,9 +21,23 @@ def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=T
         mod = importlib.import_module(f"vlfast.bench.{op}")
         todo += list(mod.cases(device, shapes=shapes, dtypes=dtypes, providers=providers, compile_=compile_))
     rows: list[Row] = []
-    for label, thunk in tqdm(todo, desc="vlfast bench", unit="case", disable=not progress):
-        rows += thunk()
+    # A time limit (SIGTERM, as `timeout` sends) or Ctrl-C ends the run after the cases done so far,
+    # which are still reported: a long run cut short keeps what it measured.
+    old = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for label, thunk in tqdm(todo, desc="vlfast bench", unit="case", disable=not progress):
+            rows += thunk()
+    except KeyboardInterrupt:
+        info["interrupted"] = f"stopped after {len(rows)} rows, at case {label!r}"
+        print(f"\nbench: {info['interrupted']}", flush=True)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return info, copy_gbps, rows
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def table(rows, copy_gbps: float) -> str:
