@@ -16,7 +16,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
 # Default: what one call of under 10 minutes fits (the DDPM step, issue 2, is measured: add "ddpm sweep").
-STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose profile"}
+STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose host profile"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -86,6 +86,11 @@ fi
 if want sweep; then
   step "sweep: ddpm tiles"
   limit 90 $PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+fi
+
+if want host; then
+  step "host time per call (back-to-back calls, one sync)"
+  limit 60 $PY benchmarks/host_overhead.py --json "$OUT/host_overhead.json" || status=1
 fi
 
 if want profile && command -v ncu >/dev/null; then
