@@ -211,3 +211,44 @@ def test_auto_picks_forward_and_backward_backends_apart(monkeypatch):
     with vlfast.use_backend("reference"):  # a forced backend runs both directions
         group_norm(x, 4, **kw).sum().backward()
     assert vlfast.last_backend("group_norm_bwd") == "reference"
+
+
+@pytest.mark.parametrize("device,backend", backend_params("group_norm"))
+def test_repeated_geometry_takes_the_planned_path(device, backend):
+    """Eager inference caches its checks and launch plan per geometry: later calls with fresh data, a
+    non-dense input and other backends still give fresh, correct outputs and report their backend."""
+    import importlib
+    gn_module = importlib.import_module("vlfast.ops.group_norm")
+    shape, groups = (2, 8, 7, 10), 4
+    x1, kw = make(shape, groups, torch.float32, device, "ddpm")
+    x2, _ = make(shape, groups, torch.float32, device, "ddpm", seed=1)
+    y1 = group_norm(x1, groups, **kw, backend=backend)
+    keep = y1.clone()
+    y2 = group_norm(x2, groups, **kw, backend=backend)  # the planned path
+    assert vlfast.last_backend("group_norm") == backend and len(gn_module._PLANS) > 0
+    assert y2.data_ptr() != y1.data_ptr() and torch.equal(y1, keep)
+    for x, y in ((x1, y1), (x2, y2)):
+        assert_close(y, ref.group_norm(x.double(), groups, **{k: v if not torch.is_tensor(v) else v.double()
+                                                              for k, v in kw.items()}), torch.float32)
+    strided = x2[..., ::2]  # not dense: copied to contiguous on both paths
+    for _ in range(2):
+        got = group_norm(strided, groups, **kw, backend=backend)
+        want = ref.group_norm(strided.double(), groups, **{k: v if not torch.is_tensor(v) else v.double()
+                                                            for k, v in kw.items()})
+        assert_close(got, want, torch.float32)
+    group_norm(x1, groups, **kw, backend="reference")
+    assert vlfast.last_backend("group_norm") == "reference"
+
+
+def test_planned_path_still_rejects_bad_arguments():
+    x, kw = make((2, 8, 3, 3), 4, torch.float32, "cpu", "ddpm")
+    for _ in range(2):
+        group_norm(x, 4, **kw)  # plan cached for this geometry
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm(x, True, **kw)  # equal to 1 as a dict key, still rejected
+    with pytest.raises(ValueError, match="add"):
+        group_norm(x, 4, **dict(kw, add=kw["add"][:1]))
+    with pytest.raises(ValueError, match="activation"):
+        group_norm(x, 4, **dict(kw, activation=["silu"]))
+    with pytest.raises(TypeError, match="weight"):
+        group_norm(x, 4, **dict(kw, weight=[1.0] * 8))

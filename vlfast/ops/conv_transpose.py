@@ -221,7 +221,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
         raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
                          f"{output_padding}, stride={stride}, dilation={dilation}")
-    if activation not in ACT_CODE:
+    if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
         raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input

@@ -202,6 +202,20 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         y = F.group_norm(h, num_groups, weight, bias, eps) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         out = F.silu(y)   # activation="silu"
     """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and type(input) is Tensor:
+        # Inference in eager at a geometry seen before: skip the checks and the planning (they passed for
+        # the same metadata), the largest part of a small call's host time.
+        key = _geometry(input, num_groups, weight, bias, add, scale, shift, activation, backend)
+        if key is not None and not (torch.is_grad_enabled() and (input.requires_grad or any(
+                t is not None and t.requires_grad for t in (weight, bias, add, scale, shift)))):
+            try:
+                hit = _PLANS.get(key)
+            except TypeError:  # an unhashable argument: the checked path says what is wrong with it
+                hit = None
+            if hit is not None:
+                backends._last[OP] = hit[0]
+                return hit[1](input, weight, bias, float(eps), add, scale, shift)
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -213,15 +227,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     n, c = input.shape[:2]
     if c % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
-    if activation not in ACT_CODE:
+    if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
         raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
     for name, t in (("weight", weight), ("bias", bias)):
         _check_param(name, t, (c,), input)
     for name, t in (("add", add), ("scale", scale), ("shift", shift)):
         _check_param(name, t, (n, c), input)
+    given = input
     if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
         input = input.contiguous()
-    compiling = torch.compiler.is_compiling()
     select = _select_at_trace if compiling else backends.select
     name = select(OP, input.device, input.dtype, backend, prefer=_prefer(input, num_groups))
     args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
@@ -236,4 +250,49 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     # In eager, skip the custom op's Python layers: they cost more than the kernels.
     if needs_grad:
         return _GroupNormFunction.apply(*args, name)
-    return FWD[name](*args)[0]
+    run = _plan(name, input, input is not given, num_groups, weight, bias, add, scale, shift, ACT_CODE[activation])
+    key = _geometry(given, num_groups, weight, bias, add, scale, shift, activation, backend)
+    if type(given) is Tensor and key is not None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = (name, run)
+    return run(input, weight, bias, float(eps), add, scale, shift)
+
+
+# (name, run) per call geometry of eager inference: see _geometry and _plan.
+_PLANS: dict = {}
+
+
+def _geometry(x, num_groups, weight, bias, add, scale, shift, activation, backend) -> Optional[tuple]:
+    """Everything the op's checks, its backend choice and its launch plan depend on, as a dict key (None
+    where an argument is not a plain tensor: such calls take the checked path)."""
+    params = []
+    for t in (weight, bias, add, scale, shift):
+        if t is None:
+            params.append(None)
+        elif type(t) is Tensor:
+            params.append((t.shape, t.stride(), t.dtype, t.device))
+        else:
+            return None
+    return (x.shape, x.stride(), x.dtype, x.device, type(num_groups), num_groups, activation, backend,
+            backends.requested(), id(backends.OP_PRIORITY.get(OP)), id(backends.PRIORITY.get(x.device.type)),
+            *params)
+
+
+def _plan(name, x, copy, num_groups, weight, bias, add, scale, shift, activation):
+    """run(x, weight, bias, eps, add, scale, shift) -> out of backend ``name`` for tensors like these.
+    x is the checked input; ``copy``: inputs like the caller's are first made contiguous (not dense)."""
+    if name == "triton":
+        from .group_norm_triton import plan_fwd
+        with backends.device_guard(x):
+            launch = plan_fwd(x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation])
+
+        def run_triton(x, weight, bias, eps, add, scale, shift):
+            with backends.device_guard(x):
+                return launch(x.contiguous() if copy else x, weight, bias, eps, add, scale, shift)[0]
+        return run_triton
+
+    def run(x, weight, bias, eps, add, scale, shift):
+        x = x.contiguous() if copy else x
+        return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)[0]
+    return run

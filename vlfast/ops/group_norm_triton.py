@@ -90,16 +90,20 @@ def _strides_ncs(x: Tensor) -> Optional[tuple[int, int, int]]:
     return x.stride(0), x.stride(1), stride_s
 
 
+def _dense(x: Tensor) -> bool:
+    """NCHW, channels_last, channels_last_3d or (N, C, L) with any C stride: layouts the kernels index."""
+    return (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+            or (x.dim() == 3 and x.transpose(1, 2).is_contiguous()))
+
+
 def _view_ncs(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     """x (copied to contiguous only when its spatial dims don't flatten or it isn't dense) and its strides.
 
     NCHW, channels_last, channels_last_3d and (N, C, L) with any C stride run as they are.
     """
     strides = _strides_ncs(x)
-    dense = (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-             or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
-             or (x.dim() == 3 and x.transpose(1, 2).is_contiguous()))
-    if strides is None or not dense:
+    if strides is None or not _dense(x):
         x = x.contiguous()
         strides = _strides_ncs(x)
     return x, strides
@@ -209,6 +213,21 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         h = x + add[:, :, None, None]
         out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
     """
+    run = plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation, single_max=single_max,
+                   split_tile=split_tile, split_programs=split_programs, groups_per_program=groups_per_program)
+    return run(x, weight, bias, eps, add, scale, shift)
+
+
+def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+             add: Optional[Tensor] = None, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+             activation: Optional[str] = None, *, single_max: Optional[int] = None, split_tile: Optional[int] = None,
+             split_programs: Optional[int] = None, groups_per_program: Optional[int] = None):
+    """Everything :func:`group_norm_fwd` works out from the tensors' metadata (checks, layout, path, tiles,
+    kernel arguments), as ``run(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd)``, which only
+    allocates and launches. ``run`` is valid for any tensors with the same shapes, strides, dtypes and
+    device as these: the op caches it per geometry, since working it out again costs more host time than
+    the kernel takes at small shapes.
+    """
     from vlfast.kernels.group_norm import (group_norm_apply_kernel, group_norm_finalize_kernel,
                                            group_norm_fwd_fused_groups_kernel, group_norm_fwd_fused_kernel,
                                            group_norm_stats_kernel)
@@ -217,52 +236,79 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     gpp = groups_per_program
     if gpp is not None and gpp != 0 and (gpp < 0 or gpp & (gpp - 1) or g % gpp):
         raise ValueError(f"groups_per_program={gpp} must be 0 or a power of two dividing num_groups={g}")
-    x, (stride_n, stride_c, stride_s) = _view_ncs(x)
-    out = torch.empty_like(x)
-    if out.stride() != x.stride():  # empty_like keeps the strides of dense tensors; guard anyway
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        stride_n, stride_c, stride_s = _strides_ncs(x)
-    mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
-    if n == 0:
-        return out, mean, rstd
-    if c == 0 or s == 0:  # as torch: mean 0, rstd NaN over an empty group
-        return out, mean.zero_(), rstd.fill_(float("nan"))
-    cpg = c // g
-    flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
-        weight, bias, add, scale, shift, n, c, x)
-    act = ACT_CODE[activation]
-    params = (w, b, add, scale, shift)
+    flags, _, (stride_an, stride_scn, stride_shn) = _params(weight, bias, add, scale, shift, n, c, x)
+    copy_rows = tuple(t is not None and c > 1 and t.stride(1) != 1 for t in (add, scale, shift))
+    x_strides = _strides_ncs(x)
+    if x_strides is None or not _dense(x) or torch.empty_like(x).stride() != x.stride():
+        # A layout the kernels don't index: run on a contiguous copy.
+        inner = plan_fwd(x.contiguous(), num_groups, weight, bias, add, scale, shift, activation,
+                         single_max=single_max, split_tile=split_tile, split_programs=split_programs,
+                         groups_per_program=groups_per_program)
+        return lambda x, *rest: inner(x.contiguous(), *rest)
+    stride_n, stride_c, stride_s = x_strides
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
+    act = ACT_CODE[activation]
+    cpg = c // g
     group_size = float(cpg * s)
+
+    def outputs(x):
+        out = torch.empty_like(x)
+        mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
+        rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
+        return out, mean, rstd
+
+    def operands(x, weight, bias, add, scale, shift):
+        """The five per-channel operands as the kernels take them (x stands in for an absent one)."""
+        rows = tuple(x if t is None else t.contiguous() if cp else t
+                     for t, cp in zip((add, scale, shift), copy_rows))
+        return (x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous()) + rows
+
+    if n == 0:
+        return lambda x, *rest: outputs(x)
+    if c == 0 or s == 0:  # as torch: mean 0, rstd NaN over an empty group
+        def run_empty(x, *rest):
+            out, mean, rstd = outputs(x)
+            return out, mean.zero_(), rstd.fill_(float("nan"))
+        return run_empty
 
     if _use_single(n, g, cpg, s, x.dtype, False, single_max, x.device):
         block_c, block_s = pow2(cpg), pow2(s)
         if gpp is None:
             gpp = default_groups_per_program(n, c, g, s, x.dtype, stride_c, x.device)
-        if gpp == 0:
-            group_norm_fwd_fused_kernel[(n * g,)](
-                x, out, mean, rstd, *params, s, g, cpg, *strides, group_size, eps, **flags, ACT=act,
-                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
-        else:
-            group_norm_fwd_fused_groups_kernel[(n * g // gpp,)](
-                x, out, mean, rstd, *params, s, g, *strides, group_size, eps, **flags, ACT=act, CPG=cpg,
-                GPP=gpp, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(gpp * block_c * block_s))
-        return out, mean, rstd
+        if gpp == 0:  # one group a program
+            launch = group_norm_fwd_fused_kernel[(n * g,)]
+            ints = (s, g, cpg, *strides, group_size)
+            consts = dict(flags, ACT=act, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_warps(block_c * block_s))
+        else:  # runs of channels of gpp groups a program
+            launch = group_norm_fwd_fused_groups_kernel[(n * g // gpp,)]
+            ints = (s, g, *strides, group_size)
+            consts = dict(flags, ACT=act, CPG=cpg, GPP=gpp, BLOCK_C=block_c, BLOCK_S=block_s,
+                          num_warps=_warps(gpp * block_c * block_s))
+
+        def run_single(x, weight, bias, eps, add, scale, shift):
+            out, mean, rstd = outputs(x)
+            launch(x, out, mean, rstd, *operands(x, weight, bias, add, scale, shift), *ints, eps, **consts)
+            return out, mean, rstd
+        return run_single
 
     cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
-    part = torch.empty((2, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
-    group_norm_stats_kernel[(n * cfg["n_cb"] * cfg["P"],)](
-        x, part[0], part[1], add, c, s, cfg["n_cb"], cfg["P"], cfg["S_CHUNK"], stride_n, stride_c, stride_s,
-        stride_an, HAS_ADD=flags["HAS_ADD"], BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
-    group_norm_finalize_kernel[(n * g,)](
-        part[0], part[1], mean, rstd, c, s, g, cpg, cfg["P"], cfg["S_CHUNK"], group_size, eps,
-        BLOCK_C=cfg["BLOCK_CG"], BLOCK_P=cfg["BLOCK_P"], num_warps=_warps(cfg["BLOCK_CG"] * cfg["BLOCK_P"], 4))
-    group_norm_apply_kernel[(n * cfg["n_cb"] * cfg["n_sb"],)](
-        x, out, mean, rstd, *params, c, s, g, cpg, cfg["n_cb"], cfg["n_sb"], *strides, **flags, ACT=act,
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
-    return out, mean, rstd
+
+    def run_split(x, weight, bias, eps, add, scale, shift):
+        out, mean, rstd = outputs(x)
+        params = operands(x, weight, bias, add, scale, shift)
+        part = torch.empty((2, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
+        group_norm_stats_kernel[(n * cfg["n_cb"] * cfg["P"],)](
+            x, part[0], part[1], params[2], c, s, cfg["n_cb"], cfg["P"], cfg["S_CHUNK"], stride_n, stride_c,
+            stride_s, stride_an, HAS_ADD=flags["HAS_ADD"], BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"],
+            num_warps=cfg["warps"])
+        group_norm_finalize_kernel[(n * g,)](
+            part[0], part[1], mean, rstd, c, s, g, cpg, cfg["P"], cfg["S_CHUNK"], group_size, eps,
+            BLOCK_C=cfg["BLOCK_CG"], BLOCK_P=cfg["BLOCK_P"], num_warps=_warps(cfg["BLOCK_CG"] * cfg["BLOCK_P"], 4))
+        group_norm_apply_kernel[(n * cfg["n_cb"] * cfg["n_sb"],)](
+            x, out, mean, rstd, *params, c, s, g, cpg, cfg["n_cb"], cfg["n_sb"], *strides, **flags, ACT=act,
+            BLOCK_C=cfg["BLOCK_C"], BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["warps"])
+        return out, mean, rstd
+    return run_split
 
 
 def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
