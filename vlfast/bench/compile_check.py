@@ -106,7 +106,7 @@ def conv_transpose_case(n, cin, cout, h, k, s, p, x_nchw: bool, out_nchw: bool, 
     if taps > 1 and x_nchw and cin >= 16:  # the launcher makes such inputs channels_last first
         x_nchw = False
     crop = bool(p % s or (c0 + cells) * s - p > oh)
-    w_rows = out_nchw and s & (s - 1) == 0
+    w_rows = out_nchw and (s & (s - 1)) == 0
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     with mock.patch.object(backends, "interpret_mode", return_value=False):
         cfg = subpixel_config(n * cells * cells, s * s * cout, taps * taps * cin, cin, torch_dtype,

@@ -212,7 +212,7 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
                 m, n_cols = n * n_ch * n_cw, sh * sw * cout_g
                 crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
                 # An NCHW output is stored as whole row segments when the stride along W is a power of two.
-                w_rows = rw_inner and sw & (sw - 1) == 0
+                w_rows = rw_inner and (sw & (sw - 1)) == 0
                 wide = (th, tw) == (1, 1) and not crop and (w_rows or not rw_inner)
                 cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype, wide)
                 w_rows = w_rows and cfg["BLOCK_N"] % sw == 0
