@@ -286,3 +286,115 @@ def conv_transpose2d_phase_kernel(
                + (ow0 + tw * SW).to(tl.int64) * stride_ow)
     _epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok[:, None] & co_ok[None, :],
               co_global, co_ok, HAS_BIAS, ACT)
+
+
+# ---------------------------------------------------------------- backward (dilation 1)
+# In the sub-pixel form y[c*s + r - p] = sum_t x[c - t] * w[r + t*s] (cell c, phase r < s, tap t < T), so
+#   dx[i] = sum_{t, r, co} dy[(i + t)*s + r - p, co] * w[ci, co, r + t*s]   (a GEMM over input pixels), and
+#   dWsp[(t, ci), (r, co)] = sum_{n, c} x[c - t, ci] * dy[c*s + r - p, co]  (a GEMM over output cells),
+# both against the forward's arranged weight Wsp; positions outside the image read as 0.
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "SH"])
+def conv_transpose2d_dgrad_kernel(
+    dy_ptr,    # (N, G*COUT_G, OH, OW) gradient of the output (after the activation's), any strides
+    wsp_ptr,   # (G, TH*TW*CIN_G, SH*SW*COUT_G) the forward's arranged weight, columns (rh, rw, co)
+    dx_ptr,    # (N, G*CIN_G, H, W) gradient of the input, any strides
+    N, H, W, OH, OW, CIN_G, COUT_G, SH, PH, PW,
+    stride_dn, stride_dc, stride_dh, stride_dw, stride_xn, stride_xc, stride_xh, stride_xw,
+    PRECISION: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grid: (M tiles x Cin tiles, G). Rows m = input pixels (n, ih, iw); columns = input channels ci.
+    g = tl.program_id(1)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < N * H * W
+    n = m // (H * W)
+    ih = m % (H * W) // W
+    iw = m % W
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < CIN_G
+
+    # Stage 1: acc = sum over (tap, phase row, chunk of (rw, co)) of dy at cell (ih + th, iw + tw) x Wsp^T.
+    n_cols = SH * SW * COUT_G
+    k_row = SW * COUT_G  # (rw, co) of one phase row of a cell
+    chunks = tl.cdiv(k_row, BLOCK_K)
+    dy_row = n.to(tl.int64) * stride_dn + (g * COUT_G).to(tl.int64) * stride_dc
+    wsp = wsp_ptr + g.to(tl.int64) * (TH * TW * CIN_G) * n_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, TH * TW * SH * chunks):
+        q = it // chunks
+        kk = (it - q * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kk_ok = kk < k_row
+        rh = q % SH
+        tap = q // SH
+        oh = (ih + tap // TW) * SH + rh - PH
+        ow = ((iw + tap % TW) * SW - PW)[:, None] + (kk // COUT_G)[None, :]
+        ok = (row_ok & (oh >= 0) & (oh < OH))[:, None] & kk_ok[None, :] & (ow >= 0) & (ow < OW)
+        a = tl.load(dy_ptr + (dy_row + oh.to(tl.int64) * stride_dh)[:, None] + ow * stride_dw
+                    + ((kk % COUT_G) * stride_dc)[None, :], mask=ok, other=0.0)
+        b = tl.load(wsp + ((tap * CIN_G + ci) * n_cols)[None, :] + (rh * k_row + kk)[:, None],
+                    mask=kk_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # Stage 2: store dx[n, g*CIN_G + ci, ih, iw].
+    offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
+        + ((g * CIN_G + ci).to(tl.int64) * stride_xc)[None, :]
+    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "CH", "CW", "SH", "cells_per_split"])
+def conv_transpose2d_wgrad_kernel(
+    x_ptr,     # (N, G*CIN_G, H, W) input, any strides
+    dy_ptr,    # (N, G*COUT_G, OH, OW) gradient of the output (after the activation's), any strides
+    part_ptr,  # (SPLIT, G, TH*TW*CIN_G, SH*SW*COUT_G) float32: one partial dWsp per split of the cells
+    N, H, W, OH, OW, CH0, CW0, CH, CW, CIN_G, COUT_G, SH, PH, PW, cells_per_split,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_dn, stride_dc, stride_dh, stride_dw,
+    PRECISION: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid: (M tiles x column tiles, split, G). Rows = (th, tw, ci); columns = (rh, rw, co); K = cells.
+    g = tl.program_id(2)
+    split = tl.program_id(1)
+    n_rows = TH * TW * CIN_G
+    n_cols = SH * SW * COUT_G
+    num_n = tl.cdiv(n_cols, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < n_rows
+    tap = r // CIN_G
+    ci = r % CIN_G
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < n_cols
+    rh = j // (SW * COUT_G)
+    rw = (j // COUT_G) % SW
+    co = j % COUT_G
+
+    # Stage 1: acc = sum over this split's cells k of x[c_k - tap, ci] (rows) x dy[cell block of c_k] (columns).
+    total = N * CH * CW
+    k_lo = split * cells_per_split
+    k_hi = tl.minimum(k_lo + cells_per_split, total)
+    x_col = (g * CIN_G + ci).to(tl.int64) * stride_xc
+    dy_col = (g * COUT_G + co).to(tl.int64) * stride_dc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        n = k // (CH * CW)
+        ch = CH0 + k % (CH * CW) // CW
+        cw = CW0 + k % CW
+        ih = ch[None, :] - (tap // TW)[:, None]
+        iw = cw[None, :] - (tap % TW)[:, None]
+        a_ok = r_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (n.to(tl.int64) * stride_xn)[None, :] + x_col[:, None] + ih * stride_xh + iw * stride_xw,
+                    mask=a_ok, other=0.0)
+        oh = (ch * SH - PH)[:, None] + rh[None, :]
+        ow = (cw * SW - PW)[:, None] + rw[None, :]
+        b_ok = k_ok[:, None] & j_ok[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        b = tl.load(dy_ptr + (n.to(tl.int64) * stride_dn)[:, None] + dy_col[None, :] + oh * stride_dh + ow * stride_dw,
+                    mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # Stage 2: this split's partial, float32 (summed over the splits in a fixed order by the launcher).
+    offs = ((split * tl.num_programs(2) + g).to(tl.int64) * n_rows + r)[:, None] * n_cols + j[None, :]
+    tl.store(part_ptr + offs, acc, mask=r_ok[:, None] & j_ok[None, :])

@@ -159,6 +159,65 @@ def test_each_kernel(i, kernel, layouts, dtype):
     check(out, hi, lo, dtype)
 
 
+BACKWARD = [i for i, c in enumerate(CASES) if c["dilation"] == (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("i", BACKWARD, ids=[case_id(CASES[i]) for i in BACKWARD])
+def test_triton_backward_kernels(i, layout, dtype):
+    """dx and dweight of the Triton backward against aten.convolution_backward in float64 (dgrad: a GEMM
+    over input pixels, wgrad: split partials over output cells), poisoned outputs, any dy strides."""
+    from vlfast.ops.conv_transpose_triton import conv_transpose2d_backward
+    device = triton_device()
+    skip_unsupported(device, "triton", dtype)
+    c = CASES[i]
+    x, w, _ = make(c, dtype, device, False, layout == "nhwc", seed=200 + i)
+    y = ref.conv_transpose2d(x.double(), w.double(), None, **conv_args(c))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+    if layout == "nhwc":
+        dy = dy.to(memory_format=torch.channels_last)
+    dx, dw = conv_transpose2d_backward(dy, x, w, c["stride"], c["padding"], c["groups"], (True, True))
+    want = torch.ops.aten.convolution_backward(dy.double(), x.double(), w.double(), None, c["stride"], c["padding"],
+                                               c["dilation"], True, c["output_padding"], c["groups"],
+                                               [True, True, False])
+    lo = torch.ops.aten.convolution_backward(dy.float(), x.float(), w.float(), None, c["stride"], c["padding"],
+                                             c["dilation"], True, c["output_padding"], c["groups"],
+                                             [True, True, False])
+    for name, got, hi, low in (("dx", dx, want[0], lo[0]), ("dweight", dw, want[1], lo[1])):
+        assert got.shape == hi.shape and got.dtype == dtype, name
+        check(got, hi, low.to(dtype), dtype, name)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
+def test_forced_triton_trains_on_triton_kernels(device, backend):
+    """backend="triton" runs the backward on the Triton kernels too (dilation 1); auto keeps PyTorch's."""
+    if backend != "triton":
+        pytest.skip("the Triton backward")
+    c = CASES[5]
+    x, w, b = make(c, torch.float32, device, channels_last=True)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    calls = []
+    import vlfast.ops.conv_transpose_triton as ctt
+    real = ctt.conv_transpose2d_backward
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+    ctt.conv_transpose2d_backward = spy
+    try:
+        y = conv_transpose2d(*leaves, **conv_args(c), activation="silu", backend="triton")
+        y.backward(torch.ones_like(y))
+    finally:
+        ctt.conv_transpose2d_backward = real
+    assert calls == [1]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref.conv_transpose2d(*ref_leaves, **conv_args(c), activation="silu").backward(
+        torch.ones(y.shape, dtype=torch.float64))
+    for got, want in zip(leaves, ref_leaves):
+        assert_close(got.grad, want.grad, torch.float32, rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_choice_and_cells():
     from vlfast.ops.conv_transpose_triton import _cells, kernel_for
     assert kernel_for((2, 2), (2, 2), (1, 1)) == "subpixel"         # U-Net up-conv: one tap

@@ -125,6 +125,35 @@ def conv_transpose_case(n, cin, cout, h, k, s, p, x_nchw: bool, out_nchw: bool, 
                         frozenset({"N", "H", "W", "SH"}))
 
 
+def conv_transpose_backward_cases(n, cin, cout, h, k, s, p, dtype: str = "bf16") -> tuple[Compiled, Compiled]:
+    """The dgrad and wgrad kernels of a channels_last transposed convolution, as their launcher configures them."""
+    import torch
+    from vlfast import backends
+    from vlfast.kernels import conv_transpose as kernels
+    from vlfast.ops.conv_transpose_triton import _cells, backward_config
+
+    oh = (h - 1) * s - 2 * p + k
+    taps, c0, cells = _cells(h, oh, k, s, p)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    xs, ys = (cin * h * h, 1, h * cin, cin), (cout * oh * oh, 1, oh * cout, cout)
+    unspecialized = frozenset({"N", "H", "W", "OH", "OW", "CH", "CW", "SH", "cells_per_split"})
+    with mock.patch.object(backends, "interpret_mode", return_value=False):
+        dcfg = backward_config(n * h * h, cin, s * cout, torch_dtype)
+        wcfg = backward_config(taps * taps * cin, s * s * cout, n * cells * cells, torch_dtype)
+    wcfg["BLOCK_M"] = min(wcfg["BLOCK_M"], _pow2(taps * taps * cin))
+    common = dict(PRECISION="tf32", TH=taps, TW=taps, SW=s)
+    ints = dict(N=n, H=h, W=h, OH=oh, OW=oh, CIN_G=cin, COUT_G=cout, SH=s, PH=p, PW=p, CH0=c0, CW0=c0, CH=cells,
+                CW=cells, cells_per_split=4096, stride_dn=ys[0], stride_dc=ys[1], stride_dh=ys[2], stride_dw=ys[3],
+                stride_xn=xs[0], stride_xc=xs[1], stride_xh=xs[2], stride_xw=xs[3])
+    dgrad = compile_sm90(kernels.conv_transpose2d_dgrad_kernel, {"dy_ptr": dtype, "wsp_ptr": dtype, "dx_ptr": dtype},
+                         ints, dict(common, GROUP_M=8, **{k: v for k, v in dcfg.items() if k.isupper()}),
+                         dcfg["num_warps"], dcfg["num_stages"], unspecialized)
+    wgrad = compile_sm90(kernels.conv_transpose2d_wgrad_kernel, {"x_ptr": dtype, "dy_ptr": dtype, "part_ptr": "fp32"},
+                         ints, dict(common, **{k: v for k, v in wcfg.items() if k.isupper()}),
+                         wcfg["num_warps"], wcfg["num_stages"], unspecialized)
+    return dgrad, wgrad
+
+
 def group_norm_case(n, c, g, hw, channels_last: bool, dtype: str = "bf16") -> Compiled:
     """The single-pass GroupNorm forward the launcher picks (ddpm pattern: add, weight, bias, SiLU)."""
     import torch
@@ -172,6 +201,8 @@ CASES = {
     "conv N8 256-128 64 k4s2p1 bf16 NHWC": lambda: conv_transpose_case(8, 256, 128, 64, 4, 2, 1, False, False),
     "conv N8 21-21 16 k64s32p16 bf16 NCHW": lambda: conv_transpose_case(8, 21, 21, 16, 64, 32, 16, True, True),
     "conv N8 64-3 128 k4s2p1 bf16 NHWC": lambda: conv_transpose_case(8, 64, 3, 128, 4, 2, 1, False, False),
+    "conv dgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_cases(8, 1024, 512, 32, 2, 2, 0)[0],
+    "conv wgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_cases(8, 1024, 512, 32, 2, 2, 0)[1],
     "gn 16x256x64x64 bf16 NCHW": lambda: group_norm_case(16, 256, 32, 64 * 64, False),
     "gn 16x256x64x64 bf16 NHWC": lambda: group_norm_case(16, 256, 32, 64 * 64, True),
     "gn 64x128x32x32 bf16 NHWC": lambda: group_norm_case(64, 128, 32, 32 * 32, True),

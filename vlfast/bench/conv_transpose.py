@@ -127,6 +127,8 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
         fns["torch.compile"] = compiled(eager)
     for bk in _runnable(device):
         fns[f"vlfast-{bk}"] = lambda x, w, b, bk=bk: conv_transpose2d(x, w, b, **args, backend=bk)
+    if device.type == "cuda":  # what auto runs: Triton's forward only where measured faster, PyTorch's backward
+        fns["vlfast-auto"] = lambda x, w, b: conv_transpose2d(x, w, b, **args, backend="auto")
     k, s = geo[4], geo[5]
     if "vlfast-triton" in fns and k != s and kernel_for((k, k), (s, s), (1, 1)) == "subpixel":
         fns["vlfast-triton-phase"] = functools.partial(_phase_probe, args=args)  # the kernel it replaced

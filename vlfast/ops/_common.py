@@ -1,6 +1,8 @@
 """What the ops' Python layers share: the activation codes of the kernels, the output memory format,
 and the integer arithmetic of launch grids."""
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -28,3 +30,11 @@ def pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a GPU; 132 (an H100) for CPU tensors, which Triton runs under its interpreter."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count

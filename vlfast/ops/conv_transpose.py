@@ -5,8 +5,9 @@ writes into ``out`` (declared mutated, so ``torch.compile`` handles it) and is f
 the backend as their last argument. The spec is :mod:`vlfast.reference.conv_transpose`; the Triton
 kernels are in ``kernels/conv_transpose.py``, their launchers in ``conv_transpose_triton.py``.
 
-The backward uses PyTorch's own gradient ops (``aten.convolution_backward`` with ``transposed=True``,
-applied to the activation's gradient), not fused kernels.
+The backward applies the activation's gradient with aten, then runs ``aten.convolution_backward``
+(``transposed=True``), or, for a backend string "triton+triton" (``backend="triton"`` asked for by name,
+dilation 1), the Triton dgrad and wgrad GEMMs of ``conv_transpose_triton.conv_transpose2d_backward``.
 """
 
 from typing import Optional
@@ -64,7 +65,8 @@ def conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
                         padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
                         activation: int, backend: str) -> Tensor:
     """act(F.conv_transpose2d(...)) for a 4-D input; channels_last output for a channels_last input."""
-    return FWD[backend](input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+    return FWD[_directions(backend)[0]](input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                        activation)
 
 
 @conv_transpose2d_op.register_fake
@@ -78,7 +80,8 @@ def conv_transpose2d_out_op(input: Tensor, weight: Tensor, bias: Optional[Tensor
                             padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
                             activation: int, backend: str, out: Tensor) -> None:
     """Writes act(F.conv_transpose2d(...)) into ``out`` (any strides). Not differentiable."""
-    INTO[backend](out, input, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+    INTO[_directions(backend)[0]](out, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                  activation)
 
 
 @conv_transpose2d_out_op.register_fake
@@ -93,7 +96,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, forward=None):
-    """Gradients for (x, weight, bias): the activation's by aten, then aten.convolution_backward.
+    """Gradients for (x, weight, bias): the activation's by aten, then aten.convolution_backward or the
+    Triton backward (see the module docstring).
     ``forward`` recomputes the pre-activation output for silu/gelu (default: the custom op)."""
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, output_padding, groups, dilation, activation, backend = ctx.args
@@ -105,9 +109,21 @@ def _backward(ctx, grad, forward=None):
                                              backend)
         grad = _aten.silu_backward(grad, z) if act == "silu" else _aten.gelu_backward(grad, z)
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-    gx, gw, gb = _aten.convolution_backward(grad, x, weight, None if bias is None else list(bias.shape), stride,
-                                            padding, dilation, True, output_padding, groups, mask)
+    if _directions(backend)[1] == "triton":
+        from .conv_transpose_triton import conv_transpose2d_backward
+        gx, gw = conv_transpose2d_backward(grad, x, weight, stride, padding, groups, (mask[0], mask[1]))
+        gb = grad.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype) if mask[2] else None
+    else:
+        gx, gw, gb = _aten.convolution_backward(grad, x, weight, None if bias is None else list(bias.shape), stride,
+                                                padding, dilation, True, output_padding, groups, mask)
     return gx, gw, gb if mask[2] else None, None, None, None, None, None, None, None
+
+
+def _directions(backend: str) -> tuple[str, str]:
+    """(forward, backward) of an op backend string: "triton" runs the forward on Triton and the backward
+    on PyTorch's gradient ops (cuDNN); "triton+triton" runs both on Triton."""
+    fwd, _, bwd = backend.partition("+")
+    return fwd, bwd or "reference"
 
 
 conv_transpose2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +136,8 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend):
-        y = FWD[backend](x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+        y = FWD[_directions(backend)[0]](x, weight, bias, stride, padding, output_padding, groups, dilation,
+                                         activation)
         _setup_context(ctx, (x, weight, bias, stride, padding, output_padding, groups, dilation, activation,
                              backend), y)
         return y
@@ -128,7 +145,7 @@ class _ConvTranspose2dFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return _backward(ctx, grad, forward=lambda *args: FWD[args[-1]](*args[:-1]))
+        return _backward(ctx, grad, forward=lambda *args: FWD[_directions(args[-1])[0]](*args[:-1]))
 
 
 # ---------------------------------------------------------------- the Python entry
@@ -185,7 +202,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     None, "relu", "silu" or "gelu" (erf). ``out``: a tensor of the output's shape and dtype with any
     strides (e.g. ``buf[:, :Cout]``, a channel slice of a U-Net concat buffer) written in place and
     returned. Without ``out`` the result is channels_last for a channels_last input, else contiguous.
-    Differentiable in input, weight and bias (backward by PyTorch's convolution_backward). Equivalent::
+    Differentiable in input, weight and bias (backward by PyTorch's convolution_backward; by Triton
+    kernels with ``backend="triton"`` at dilation 1). Equivalent::
 
         y = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
         y = F.silu(y)        # activation="silu"
@@ -242,6 +260,11 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         OP, x.device, x.dtype, backend, kernels_pay=_kernels_pay(x, weight, stride, padding, dilation, dst))
     args = (x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    asked = backend if compiling else backend or backends.requested()
+    if needs_grad and name == "triton" and dilation == [1, 1] and asked == "triton":
+        # Triton asked for by name: the backward on its kernels too. Under auto the backward stays with
+        # PyTorch's gradient ops until the Triton ones are measured faster (benchmarks/NOTES.md).
+        name = "triton+triton"
     if dst is not None:
         if needs_grad:  # differentiable: the functional op, then a copy autograd tracks
             dst.copy_(conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import cdiv, pow2
+from ._common import cdiv, num_sms, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -244,3 +244,66 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
                                             dh, dw, gh, gw, invh, invw, dkh, dkw, dih, diw, num_m, *x.stride(),
                                             *out.stride(), **common, **cfg)
     return out
+
+
+def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Tiles of the two backward GEMMs: M rows, N columns, K the reduction."""
+    if backends.interpret_mode():
+        return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n, 16, 32), BLOCK_K=16, num_warps=4,
+                    num_stages=1)
+    fp32 = dtype == torch.float32
+    block_n = _clamp_pow2(n, 16, 128)
+    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=_clamp_pow2(k, 16, 32 if fp32 else 64),
+                num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+
+
+def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, groups: int,
+                              needs: tuple[bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dx, dweight) of ``F.conv_transpose2d(x, weight, stride=stride, padding=padding, groups=groups)`` at
+    dilation 1 (any output_padding), given ``grad`` of the output; None where ``needs`` says no.
+
+    Both are GEMMs against the forward's sub-pixel weight arrangement (kernels/conv_transpose.py): dx one
+    over the input pixels, dweight one over the output cells, split into float32 partials summed in a fixed
+    order (deterministic). x, grad: any strides; float32/float16/bfloat16. Equivalent::
+
+        dx, dw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, (1, 1), True,
+                                                        output_padding, groups, [True, True, False])
+    """
+    from vlfast.kernels.conv_transpose import conv_transpose2d_dgrad_kernel, conv_transpose2d_wgrad_kernel
+
+    n, cin, h, w = x.shape
+    _, _, oh, ow = grad.shape
+    _, cout_g, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    cin_g = cin // groups
+    prec = precision(x.dtype, x.device)
+    dx = dw = None
+    with backends.device_guard(x):
+        (th, ch0, n_ch), (tw, cw0, n_cw) = _cells(h, oh, kh, sh, ph), _cells(w, ow, kw, sw, pw)
+        wsp = arranged_weight(weight, groups, "subpixel_co", stride)
+        if needs[0]:
+            dx = torch.empty_like(x)
+            if dx.numel():
+                cfg = backward_config(n * h * w, cin_g, sw * cout_g, x.dtype)
+                grid = (cdiv(n * h * w, cfg["BLOCK_M"]) * cdiv(cin_g, cfg["BLOCK_N"]), groups)
+                conv_transpose2d_dgrad_kernel[grid](
+                    grad, wsp, dx, n, h, w, oh, ow, cin_g, cout_g, sh, ph, pw, *grad.stride(), *dx.stride(),
+                    PRECISION=prec, TH=th, TW=tw, SW=sw, GROUP_M=8, **cfg)
+        if needs[1]:
+            rows, cols, cells = th * tw * cin_g, sh * sw * cout_g, n * n_ch * n_cw
+            cfg = backward_config(rows, cols, cells, x.dtype)
+            cfg["BLOCK_M"] = _clamp_pow2(rows, 16, cfg["BLOCK_M"])
+            tiles = cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg["BLOCK_N"]) * groups
+            # Enough programs to fill the GPU: split the cells, each split a float32 partial.
+            split = max(1, min(cdiv(2 * num_sms(x.device), tiles), cdiv(cells, 4 * cfg["BLOCK_K"])))
+            per_split = cdiv(cdiv(max(cells, 1), split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+            split = cdiv(max(cells, 1), per_split)
+            part = torch.zeros((split, groups, rows, cols), dtype=torch.float32, device=x.device)
+            if cells:
+                conv_transpose2d_wgrad_kernel[(tiles // groups, split, groups)](
+                    x, grad, part, n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, cin_g, cout_g, sh, ph, pw, per_split,
+                    *x.stride(), *grad.stride(), PRECISION=prec, TH=th, TW=tw, SW=sw, **cfg)
+            dwsp = part.sum(0)  # a fixed order
+            dw = (dwsp.reshape(groups, th, tw, cin_g, sh, sw, cout_g).permute(0, 3, 6, 1, 4, 2, 5)
+                  .reshape(cin, cout_g, th * sh, tw * sw)[:, :, :kh, :kw].to(weight.dtype).contiguous())
+    return dx, dw

@@ -12,14 +12,13 @@ Paths, chosen from the shape (or forced with ``single_max``):
 - split otherwise: stats -> finalize -> apply (backward: partial sums -> group terms -> dx -> dweight/dbias).
 """
 
-import functools
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, cdiv, pow2
+from ._common import ACT_CODE, cdiv, num_sms, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
@@ -31,18 +30,10 @@ SPLIT_MIN_GROUP = 4096
 GPP_TARGET_BYTES = 128
 SPLIT_TILE = 4096       # elements of one tile of the split kernels
 MAX_CHUNKS = 256        # spatial chunks per (sample, channel) of the split reductions
-DEFAULT_SMS = 132       # an H100, for CPU tensors under the interpreter
 
 
 def _warps(elements: int, most: int = 16) -> int:
     return max(1, min(most, elements // 256))
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def single_pass_max(dtype: torch.dtype, backward: bool = False) -> int:
@@ -141,7 +132,7 @@ def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_
         return padded <= single_max
     if padded > single_pass_max(dtype, backward):
         return False
-    return not (n * g < 2 * _num_sms(device) and cpg * s >= SPLIT_MIN_GROUP)
+    return not (n * g < 2 * num_sms(device) and cpg * s >= SPLIT_MIN_GROUP)
 
 
 def default_groups_per_program(n: int, c: int, g: int, s: int, dtype: torch.dtype, stride_c: int,
@@ -164,7 +155,7 @@ def default_groups_per_program(n: int, c: int, g: int, s: int, dtype: torch.dtyp
         return 0
     cpg = c // g
     run, padded = cpg * dtype.itemsize, pow2(cpg) * pow2(s)
-    enough = 2 * _num_sms(device)
+    enough = 2 * num_sms(device)
     gpp = 1
     while (g % (2 * gpp) == 0 and 2 * gpp * padded <= single_pass_max(dtype) and gpp * run < GPP_TARGET_BYTES
            and (n * g // (2 * gpp) >= enough or n * g < enough)):
@@ -184,7 +175,7 @@ def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optiona
         block_s = min(pow2(s), tile)
         block_c = min(pow2(c), max(1, tile // block_s))
     n_cb, n_sb = cdiv(c, block_c), cdiv(s, block_s)
-    programs = programs or 8 * _num_sms(device)
+    programs = programs or 8 * num_sms(device)
     per_chunk = max(1, min(n_sb, n * n_cb * n_sb // programs), cdiv(n_sb, MAX_CHUNKS))
     s_chunk = per_chunk * block_s
     chunks = cdiv(s, s_chunk)
