@@ -8,6 +8,9 @@
 #   STEPS="build tests ddpm" bash benchmarks/gpu_check.sh
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
 #   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
+# All default steps take 8-10 minutes; on a machine whose calls are capped at 10, run two calls on the
+# same warm machine (the build stays): STEPS="build diagnose tests", then
+# STEPS="group_norm conv_transpose host profile".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}

@@ -3,7 +3,7 @@ launchers: vlfast/ops/conv_transpose_triton.py).
 
 Per axis, output pixel o of a transposed convolution (stride s, padding p, dilation d) receives
 x[i] * w[k] for every tap k with o = i*s - p + k*d, i.e. i = (o + p - k*d) / s when that divides.
-Two kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a fused epilogue
+Two forward kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a fused epilogue
 (bias, activation, a store through any output strides):
 
 - ``conv_transpose2d_subpixel_kernel`` (dilation 1: the U-Net up-conv, VAE k4 s2 p1, FCN's k = 2s):
@@ -19,8 +19,8 @@ Two kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a f
   multiple of s) are the price of one dense GEMM; the launcher sends geometries where they would be
   more than half of the work to the phase kernel.
 - ``conv_transpose2d_phase_kernel`` (dilation > 1, or k much smaller than s): output pixels with the
-  same (o + p) mod s form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic progression
-  k0, k0 + dk, ... whose input row moves by -dk*d/s per tap. Each phase is an ordinary convolution
+  same (o + p) mod s form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic
+  progression k0, k0 + dk, ... whose input row moves by -dk*d/s per tap. Each phase is an ordinary convolution
   over only its own taps (no multiply touches an inserted zero); one launch covers all s_h*s_w
   phases (grid axis 1; each program derives its phase's geometry from scalars, so nothing is
   copied to the device per call), and a phase without taps still gets bias + activation.
@@ -31,6 +31,9 @@ knows "row r of tap j reads x[n, ci, ih0[r] + jh*DIH, iw0[r] + jw*DIW] against w
 (kh0 + jh*DKH, kw0 + jw*DKW)", so a dilated Conv2d (stride 1) reuses it as a single phase with
 ih0 = oh - padding, DIH = +dilation, kh0 = 0, DKH = 1 (strided Conv2d: ih0 = oh*stride - padding),
 its weight (Cout, Cin/G, KH, KW) arranged to the same [G, KH, KW, Cin/G, Cout/G] layout.
+
+The backward (dilation 1) has two more GEMMs against Wsp, at the end of this file: dgrad over the input
+pixels and wgrad over the output cells.
 
 The launcher pre-arranges the weight once per weight version: Wt[G, KH, KW, Cin/G, Cout/G] for the
 phase kernel (one [Cin/G, Cout/G] matrix per tap), Wsp[G, TH*TW*Cin/G, SH*SW*Cout/G] for the
