@@ -490,3 +490,43 @@ def test_auto_uses_the_kernels_only_where_they_beat_cudnn():
     assert not _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, None)           # NCHW ...
     assert _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, torch.empty(0))     # ... unless writing into out
     assert not _kernels_pay(x, w3, (2, 2), (1, 1), one, None)                      # the phase kernel
+
+
+@pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
+def test_repeated_geometry_takes_the_planned_path(device, backend):
+    """Eager inference caches its checks and launch plan per geometry: later calls with fresh data, an
+    unbatched input, ``out=`` and another backend stay correct, fresh and report their backend."""
+    c = CASES[5]
+    x1, w, b = make(c, torch.float32, device, seed=1)
+    x2, _, _ = make(c, torch.float32, device, seed=2)
+    y1 = conv_transpose2d(x1, w, b, **conv_args(c), activation="relu", backend=backend)
+    keep = y1.clone()
+    y2 = conv_transpose2d(x2, w, b, **conv_args(c), activation="relu", backend=backend)  # the planned path
+    assert vlfast.last_backend("conv_transpose2d") == backend
+    assert torch.equal(y1, keep) and y2.data_ptr() != y1.data_ptr()
+    assert_close(y2, reference(x2, w, b, c, "relu", torch.float32)[0], torch.float32, rtol=1e-4, atol=1e-4)
+    for _ in range(2):
+        got = conv_transpose2d(x2[0], w, b, **conv_args(c), backend=backend)
+        assert_close(got, reference(x2[:1], w, b, c, None, torch.float32)[0][0], torch.float32, rtol=1e-4,
+                     atol=1e-4)
+        buf = torch.full((c["n"], c["cout"] + 2) + y2.shape[2:], 7.0, device=device)
+        assert conv_transpose2d(x2, w, b, **conv_args(c), out=buf[:, 2:], backend=backend) is not None
+        assert_close(buf[:, 2:], reference(x2, w, b, c, None, torch.float32)[0], torch.float32, rtol=1e-4, atol=1e-4)
+        assert (buf[:, :2] == 7).all()
+    conv_transpose2d(x2, w, b, **conv_args(c), backend="reference")
+    assert vlfast.last_backend("conv_transpose2d") == "reference"
+
+
+def test_planned_path_still_rejects_bad_arguments():
+    c = CASES[0]
+    x, w, b = make(c, torch.float32, "cpu")
+    for _ in range(2):
+        conv_transpose2d(x, w, b, **conv_args(c))  # plan cached for this geometry
+    with pytest.raises(ValueError, match="bias"):
+        conv_transpose2d(x, w, b[:-1], **conv_args(c))
+    with pytest.raises(ValueError, match="activation"):
+        conv_transpose2d(x, w, b, **conv_args(c), activation=["relu"])
+    with pytest.raises(ValueError, match="groups"):
+        conv_transpose2d(x, w, b, **dict(conv_args(c), groups=True))
+    with pytest.raises(ValueError, match="out"):
+        conv_transpose2d(x, w, b, **conv_args(c), out=torch.empty(1))

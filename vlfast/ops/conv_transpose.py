@@ -209,6 +209,19 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y = F.silu(y)        # activation="silu"
         out.copy_(y)         # out= given
     """
+    if type(input) is Tensor and not torch.compiler.is_compiling():
+        # Inference in eager at a geometry seen before: skip the checks and the planning (they passed for
+        # the same metadata), most of the host time of a call.
+        try:
+            key = _geometry(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out,
+                            backend)
+            hit = None if key is None else _PLANS.get(key)
+        except TypeError:  # an unhashable argument: the checked path says what is wrong with it
+            hit = None
+        if hit is not None and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (
+                bias is not None and bias.requires_grad))):
+            backends._last[OP] = hit[0]
+            return hit[1](input, weight, bias, out)
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -232,6 +245,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         _check_tensor("bias", bias, input)
         if tuple(bias.shape) != (cout,):
             raise ValueError(f"bias must have shape ({cout},) (out_channels), got {tuple(bias.shape)}")
+    stride_arg, padding_arg, output_padding_arg, dilation_arg = stride, padding, output_padding, dilation
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -268,15 +282,71 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if dst is not None:
         if needs_grad:  # differentiable: the functional op, then a copy autograd tracks
             dst.copy_(conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name))
-        elif compiling:
+            return out
+        if compiling:
             conv_transpose2d_out_op(*args, name, dst)
-        else:  # inference in eager: skip the dispatcher's Python layers
-            INTO[name](dst, *args)
-        return out
-    if compiling:
-        y = conv_transpose2d_op(*args, name)
-    elif needs_grad:  # eager training: the same forward and backward without the dispatcher's Python layers
-        y = _ConvTranspose2dFunction.apply(*args, name)
+            return out
+    elif compiling or needs_grad:
+        # Traced, or eager training (the same forward and backward without the dispatcher's Python layers).
+        y = conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name)
+        return y.squeeze(0) if unbatched else y
+    # Eager inference: plan, remember the plan for this geometry, run it.
+    run = _plan(name, x, weight, bias, args[3:], dst, unbatched, shape)
+    try:
+        key = _geometry(input, weight, bias, stride_arg, padding_arg, output_padding_arg, groups, dilation_arg,
+                        activation, out, backend)
+    except TypeError:
+        key = None
+    if key is not None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = (name, run)
+    return run(input, weight, bias, out)
+
+
+# (name, run) per call geometry of eager inference: see _geometry and _plan.
+_PLANS: dict = {}
+
+
+def _meta(t) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _geometry(x, weight, bias, stride, padding, output_padding, groups, dilation, activation, out, backend):
+    """Everything the op's checks, its backend choice and its launch plan depend on, as a dict key (None
+    where a tensor argument is not a plain tensor: such calls take the checked path)."""
+    if type(weight) is not Tensor or not (bias is None or type(bias) is Tensor) or not (
+            out is None or type(out) is Tensor):
+        return None
+    return (_meta(x), _meta(weight), bias if bias is None else _meta(bias), out if out is None else _meta(out),
+            stride, padding, output_padding, type(groups), groups, dilation, activation, backend,
+            backends.requested(), id(backends.PRIORITY.get(x.device.type)))
+
+
+def _plan(name, x, weight, bias, geometry, dst, unbatched, shape):
+    """run(input, weight, bias, out) -> the op's result, for tensors like these, on backend ``name``
+    (input and out as the caller passes them: unbatched ones get their batch dimension here)."""
+    stride, padding, output_padding, groups, dilation, activation = geometry
+    fmt = memory_format(x)
+    if name == "triton":
+        from .conv_transpose_triton import plan_into
+        target = dst if dst is not None else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        launch = plan_into(target, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
+
+        def into(dst, x, weight, bias):
+            return launch(dst, x, weight, bias)
     else:
-        y = FWD[name](*args)
-    return y.squeeze(0) if unbatched else y
+        def into(dst, x, weight, bias):
+            return INTO[name](dst, x, weight, bias, *geometry)
+
+    def run(input, weight, bias, out):
+        x = input.unsqueeze(0) if unbatched else input
+        if out is not None:
+            into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
+            return out
+        if name != "triton":
+            y = FWD[name](x, weight, bias, *geometry)
+        else:
+            y = into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt), x, weight, bias)
+        return y.squeeze(0) if unbatched else y
+    return run

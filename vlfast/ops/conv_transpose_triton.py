@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..reference.conv_transpose import ACTIVATIONS, activate
 from ._common import cdiv, num_sms, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -130,9 +131,10 @@ def kernel_for(kernel_size, stride, dilation) -> str:
     return "subpixel" if padded <= 2 * math.prod(kernel_size) else "phase"
 
 
-def _w_contiguous(t: Tensor) -> bool:
-    """Neighbouring W positions are neighbours in memory and channels are not (NCHW-like)."""
-    return t.stride(3) == 1 and t.stride(1) != 1
+def _channels_last_strides(shape) -> tuple[int, int, int, int]:
+    """The strides of ``x.contiguous(memory_format=torch.channels_last)`` for an (N, C, H, W) shape."""
+    _, c, h, w = shape
+    return h * w * c, 1, w * c, c
 
 
 def _cells(size: int, out_size: int, k: int, s: int, p: int) -> tuple[int, int, int]:
@@ -153,7 +155,6 @@ def phase_steps(s: int, d: int) -> tuple[int, int, int, int]:
 
 def _fill_uncovered(out: Tensor, bias: Optional[Tensor], activation: int, row0: int, col0: int) -> None:
     """out[..., row0:, :] and out[..., :, col0:] = act(bias) (0 without bias: every activation maps 0 to 0)."""
-    from ..reference.conv_transpose import ACTIVATIONS, activate
     regions = [r for r in (out[:, :, row0:, :], out[:, :, :row0, col0:]) if r.numel()]
     if not regions:
         return
@@ -178,6 +179,17 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     "subpixel" (dilation 1 only) or "phase" forces a kernel (tests, benchmarks); default
     :func:`kernel_for`. Arguments are assumed checked (vlfast.ops.conv_transpose.conv_transpose2d does it).
     """
+    run = plan_into(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+                    kernel=kernel)
+    return run(out, x, weight, bias)
+
+
+def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, output_padding,
+              groups: int, dilation, activation: int, *, kernel: Optional[str] = None):
+    """Everything :func:`conv_transpose2d_into` works out from the tensors' metadata (kernel, cells, tiles,
+    layouts, launch arguments), as ``run(out, x, weight, bias) -> out``, valid for any tensors with the
+    same shapes, strides, dtypes and device as these; the op caches it per geometry. ``run`` still looks up
+    the arranged weight each call (cached per weight version: an in-place update is seen)."""
     from vlfast.kernels.conv_transpose import conv_transpose2d_phase_kernel, conv_transpose2d_subpixel_kernel
 
     if x.dtype not in DTYPES:
@@ -189,61 +201,88 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     kernel = kernel or kernel_for((kh, kw), stride, dilation)
     if kernel not in ("subpixel", "phase") or (kernel == "subpixel" and (dh, dw) != (1, 1)):
         raise ValueError(f"kernel must be 'phase' or, for dilation 1, 'subpixel'; got {kernel!r}")
-    if out.numel() == 0:
-        return out
     cin_g = cin // groups
+
+    def fill(rows0: int, cols0: int):
+        """run for outputs that get act(bias) only from row rows0 and column cols0 on (and no kernel)."""
+        def run(out, x, weight, bias):
+            _fill_uncovered(out, bias, activation, rows0, cols0)
+            return out
+        return run
+
+    if out.numel() == 0:
+        return lambda out, *rest: out
     if n * cin * h * w == 0 or cin_g == 0:  # nothing to multiply: act(bias) everywhere
-        _fill_uncovered(out, bias, activation, 0, 0)
-        return out
+        return fill(0, 0)
     if max(x[0].numel(), out[0].numel(), weight.numel()) >= 2**31:
         raise ValueError("one sample holds 2**31 or more elements; the kernels index a sample with int32")
-    b = bias if bias is not None else weight
-    if bias is not None and not bias.is_contiguous():
-        b = bias.contiguous()
     common = dict(HAS_BIAS=bias is not None, ACT=activation, PRECISION=precision(x.dtype, x.device))
+    bias_copy = bias is not None and not bias.is_contiguous()
 
-    with backends.device_guard(x):
-        if kernel == "subpixel":
-            (th, ch0, n_ch), (tw, cw0, n_cw) = _cells(h, oh, kh, sh, ph), _cells(w, ow, kw, sw, pw)
-            if n_ch and n_cw:
-                if (th, tw) != (1, 1) and x.stride(1) != 1 and cin_g >= 16:  # see the module docstring
-                    x = x.contiguous(memory_format=torch.channels_last)
-                rw_inner = out.stride(3) == 1 and out.stride(1) != 1
-                m, n_cols = n * n_ch * n_cw, sh * sw * cout_g
-                crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
-                # An NCHW output is stored as whole row segments when the stride along W is a power of two.
-                w_rows = rw_inner and (sw & (sw - 1)) == 0
-                wide = (th, tw) == (1, 1) and not crop and (w_rows or not rw_inner)
-                cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype, wide)
-                w_rows = w_rows and cfg["BLOCK_N"] % sw == 0
-                w_tile = min(pow2(n_cw), cfg["BLOCK_M"]) if w_rows or _w_contiguous(x) else 0
-                if w_tile:
-                    m_tiles = n * cdiv(n_ch, cfg["BLOCK_M"] // w_tile) * cdiv(n_cw, w_tile)
-                else:
-                    m_tiles = cdiv(m, cfg["BLOCK_M"])
-                wsp = arranged_weight(weight, groups, "subpixel_rw" if rw_inner else "subpixel_co", stride)
-                conv_transpose2d_subpixel_kernel[(m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)](
-                    x, wsp, b, out, n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, ch0 * sh - ph, cw0 * sw - pw, cin_g, cout_g,
-                    sh, *x.stride(), *out.stride(), **common, TH=th, TW=tw, SW=sw, RW_INNER=rw_inner, W_TILE=w_tile,
-                    W_ROWS_STORE=w_rows, CROP=bool(crop), **cfg)
-            # Cells past the last input pixel (output_padding) have no taps: act(bias).
-            _fill_uncovered(out, bias, activation, max(0, (ch0 + n_ch) * sh - ph), max(0, (cw0 + n_cw) * sw - pw))
+    def bias_arg(bias, weight):
+        return weight if bias is None else bias.contiguous() if bias_copy else bias
+
+    if kernel == "subpixel":
+        (th, ch0, n_ch), (tw, cw0, n_cw) = _cells(h, oh, kh, sh, ph), _cells(w, ow, kw, sw, pw)
+        # Cells past the last input pixel (output_padding) have no taps: act(bias), by a torch fill.
+        rows0, cols0 = max(0, (ch0 + n_ch) * sh - ph), max(0, (cw0 + n_cw) * sw - pw)
+        uncovered = rows0 < oh or cols0 < ow
+        if not (n_ch and n_cw):
+            return fill(rows0, cols0)
+        # See the module docstring: with several taps, a channel-contiguous input.
+        to_cl = (th, tw) != (1, 1) and x.stride(1) != 1 and cin_g >= 16
+        xs = _channels_last_strides(x.shape) if to_cl else x.stride()
+        rw_inner = out.stride(3) == 1 and out.stride(1) != 1
+        m, n_cols = n * n_ch * n_cw, sh * sw * cout_g
+        crop = ph % sh or pw % sw or (ch0 + n_ch) * sh - ph > oh or (cw0 + n_cw) * sw - pw > ow
+        # An NCHW output is stored as whole row segments when the stride along W is a power of two.
+        w_rows = rw_inner and (sw & (sw - 1)) == 0
+        wide = (th, tw) == (1, 1) and not crop and (w_rows or not rw_inner)
+        cfg = subpixel_config(m, n_cols, th * tw * cin_g, cin_g, x.dtype, wide)
+        w_rows = w_rows and cfg["BLOCK_N"] % sw == 0
+        w_tile = min(pow2(n_cw), cfg["BLOCK_M"]) if w_rows or (xs[3] == 1 and xs[1] != 1) else 0
+        if w_tile:
+            m_tiles = n * cdiv(n_ch, cfg["BLOCK_M"] // w_tile) * cdiv(n_cw, w_tile)
+        else:
+            m_tiles = cdiv(m, cfg["BLOCK_M"])
+        order = "subpixel_rw" if rw_inner else "subpixel_co"
+        launch = conv_transpose2d_subpixel_kernel[(m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)]
+        ints = (n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, ch0 * sh - ph, cw0 * sw - pw, cin_g, cout_g, sh, *xs,
+                *out.stride())
+        consts = dict(common, TH=th, TW=tw, SW=sw, RW_INNER=rw_inner, W_TILE=w_tile, W_ROWS_STORE=w_rows,
+                      CROP=bool(crop), **cfg)
+
+        def run_subpixel(out, x, weight, bias):
+            if to_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with backends.device_guard(x):
+                launch(x, arranged_weight(weight, groups, order, stride), bias_arg(bias, weight), out, *ints,
+                       **consts)
+                if uncovered:
+                    _fill_uncovered(out, bias, activation, rows0, cols0)
             return out
+        return run_subpixel
 
-        if x.stride(1) != 1 and cin_g >= 16:
-            # The implicit GEMM's input tiles gather pixels of the phase: only a channel-contiguous input
-            # gives them contiguous K rows that load vectorised and pipeline, worth one pass over x.
+    # The phase kernel; its input tiles gather pixels of the phase: only a channel-contiguous input gives
+    # them contiguous K rows that load vectorised and pipeline, worth one pass over x.
+    to_cl = x.stride(1) != 1 and cin_g >= 16
+    xs = _channels_last_strides(x.shape) if to_cl else x.stride()
+    (gh, invh, dkh, dih), (gw, invw, dkw, diw) = phase_steps(sh, dh), phase_steps(sw, dw)
+    m_max = n * cdiv(oh, sh) * cdiv(ow, sw)  # the phase that starts at pixel 0 is the largest
+    cfg = phase_config(m_max, cout_g, cin_g, x.dtype)
+    num_m = cdiv(m_max, cfg["BLOCK_M"])
+    launch = conv_transpose2d_phase_kernel[(num_m * cdiv(cout_g, cfg["BLOCK_N"]), sh * sw, groups)]
+    ints = (n, h, w, oh, ow, cin_g, cout_g, kh, kw, sh, sw, ph, pw, dh, dw, gh, gw, invh, invw, dkh, dkw, dih, diw,
+            num_m, *xs, *out.stride())
+    consts = dict(common, **cfg)
+
+    def run_phase(out, x, weight, bias):
+        if to_cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        (gh, invh, dkh, dih), (gw, invw, dkw, diw) = phase_steps(sh, dh), phase_steps(sw, dw)
-        m_max = n * cdiv(oh, sh) * cdiv(ow, sw)  # the phase that starts at pixel 0 is the largest
-        cfg = phase_config(m_max, cout_g, cin_g, x.dtype)
-        num_m = cdiv(m_max, cfg["BLOCK_M"])
-        grid = (num_m * cdiv(cout_g, cfg["BLOCK_N"]), sh * sw, groups)
-        wt = arranged_weight(weight, groups, "taps")
-        conv_transpose2d_phase_kernel[grid](x, wt, b, out, n, h, w, oh, ow, cin_g, cout_g, kh, kw, sh, sw, ph, pw,
-                                            dh, dw, gh, gw, invh, invw, dkh, dkw, dih, diw, num_m, *x.stride(),
-                                            *out.stride(), **common, **cfg)
-    return out
+        with backends.device_guard(x):
+            launch(x, arranged_weight(weight, groups, "taps"), bias_arg(bias, weight), out, *ints, **consts)
+        return out
+    return run_phase
 
 
 def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
