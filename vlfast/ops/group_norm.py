@@ -204,17 +204,18 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     """
     compiling = torch.compiler.is_compiling()
     if not compiling and type(input) is Tensor:
-        # Inference in eager at a geometry seen before: skip the checks and the planning (they passed for
-        # the same metadata), the largest part of a small call's host time.
+        # Eager, at a geometry seen before: skip the checks and the planning (they passed for the same
+        # metadata), the largest part of a small call's host time.
         key = _geometry(input, num_groups, weight, bias, add, scale, shift, activation, backend)
-        if key is not None and not (torch.is_grad_enabled() and (input.requires_grad or any(
-                t is not None and t.requires_grad for t in (weight, bias, add, scale, shift)))):
+        if key is not None:
+            grad = torch.is_grad_enabled() and (input.requires_grad or any(
+                t is not None and t.requires_grad for t in (weight, bias, add, scale, shift)))
             try:
-                hit = _PLANS.get(key)
+                hit = _PLANS.get((key, grad))
             except TypeError:  # an unhashable argument: the checked path says what is wrong with it
                 hit = None
             if hit is not None:
-                backends._last[OP] = hit[0]
+                backends._last.update(hit[0])
                 return hit[1](input, weight, bias, float(eps), add, scale, shift)
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
@@ -241,25 +242,31 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, add, scale, shift))
+    last = {OP: name}
     if compiling or needs_grad:
         # The backward picks its own backend (under auto the fastest backward may be another's).
         bwd = select("group_norm_bwd", input.device, input.dtype, backend)
+        last["group_norm_bwd"] = bwd
         name = name if bwd == name else f"{name}+{bwd}"
     if compiling:
         return group_norm_fwd(*args, name)[0]
-    # In eager, skip the custom op's Python layers: they cost more than the kernels.
+    copy, act = input is not given, ACT_CODE[activation]
     if needs_grad:
-        return _GroupNormFunction.apply(*args, name)
-    run = _plan(name, input, input is not given, num_groups, weight, bias, add, scale, shift, ACT_CODE[activation])
+        # In eager, skip the custom op's Python layers: they cost more than the kernels.
+        def run(x, weight, bias, eps, add, scale, shift):
+            return _GroupNormFunction.apply(x.contiguous() if copy else x, num_groups, weight, bias, eps, add,
+                                            scale, shift, act, name)
+    else:
+        run = _plan(name, input, copy, num_groups, weight, bias, add, scale, shift, act)
     key = _geometry(given, num_groups, weight, bias, add, scale, shift, activation, backend)
     if type(given) is Tensor and key is not None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
-        _PLANS[key] = (name, run)
+        _PLANS[(key, needs_grad)] = (last, run)
     return run(input, weight, bias, float(eps), add, scale, shift)
 
 
-# (name, run) per call geometry of eager inference: see _geometry and _plan.
+# ({op: backend} to report, run) per call geometry and need of gradients, in eager: see _geometry and _plan.
 _PLANS: dict = {}
 
 
@@ -275,8 +282,8 @@ def _geometry(x, num_groups, weight, bias, add, scale, shift, activation, backen
         else:
             return None
     return (x.shape, x.stride(), x.dtype, x.device, type(num_groups), num_groups, activation, backend,
-            backends.requested(), id(backends.OP_PRIORITY.get(OP)), id(backends.PRIORITY.get(x.device.type)),
-            *params)
+            backends.requested(), id(backends.OP_PRIORITY.get(OP)), id(backends.OP_PRIORITY.get("group_norm_bwd")),
+            id(backends.PRIORITY.get(x.device.type)), *params)
 
 
 def _plan(name, x, copy, num_groups, weight, bias, add, scale, shift, activation):
