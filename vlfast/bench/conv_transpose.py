@@ -18,7 +18,7 @@ from .. import backends
 from ..ops._common import memory_format
 from ..ops.conv_transpose import conv_transpose2d, output_shape
 from ..ops.conv_transpose_triton import conv_transpose2d_into, kernel_for
-from .common import Row, bench, compiled, format_table
+from .common import Row, bench, bench_graph, compiled, format_table
 
 # name: (N, Cin, Cout, H=W, k, stride, padding, output_padding)
 ANCHOR_CASES = {
@@ -143,6 +143,10 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
             rows.append(Row("conv_transpose2d fwd", label, str(dtype), name, None, nbytes, flops, {"error": why}))
             continue
         rows.append(_time("fwd", label, dtype, name, lambda fn=fn: fn(x, w, b), device, nbytes, flops))
+        if device.type == "cuda" and channels_last and dtype == torch.bfloat16 and name != "torch.compile":
+            # 20 calls replayed from one CUDA graph: the GPU time without the host's (warm L2, though).
+            rows.append(_time("fwd", label, dtype, f"graph:{name}", lambda fn=fn: fn(x, w, b), device, nbytes,
+                              flops, graph=True))
         # Forward + backward of the U-Net up-conv cases, bf16 (torch.compile's backward only on request).
         if (device.type == "cuda" and geo[4] == geo[5] == 2 and dtype == torch.bfloat16
                 and (name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD"))):
@@ -203,9 +207,9 @@ def _concat_case(device, geo, label, providers):
     return rows
 
 
-def _time(op, label, dtype, name, fn, device, nbytes, flops):
+def _time(op, label, dtype, name, fn, device, nbytes, flops, graph=False):
     try:
-        timing = bench(fn, device)
+        timing = bench_graph(fn) if graph else bench(fn, device)
     except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a working compiler
         return Row(f"conv_transpose2d {op}", label, str(dtype), name, None, nbytes, flops,
                    extra={"error": repr(e)[:200]})
@@ -225,7 +229,9 @@ def flops_table(rows) -> str:
         if r.timing is None:
             lines.append([r.op, r.case, r.provider, "failed", "", "", "", "", ""])
             continue
-        t, eager, comp = r.timing.median, base.get((r.op, r.case, "eager")), base.get((r.op, r.case, "torch.compile"))
+        graph = r.provider.startswith("graph:")  # graph rows against the graph-replayed eager (cuDNN)
+        t, eager = r.timing.median, base.get((r.op, r.case, "graph:eager" if graph else "eager"))
+        comp = None if graph else base.get((r.op, r.case, "torch.compile"))
         pct = r.extra.get("pct_matmul")
         lines.append([r.op, r.case, r.provider, f"{t:.1f}", f"{r.timing.p20:.1f}-{r.timing.p80:.1f}",
                       f"{r.extra['tflops']:.3g}", f"{pct:.0f}%" if pct is not None else "-",
