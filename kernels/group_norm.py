@@ -12,8 +12,9 @@ strides. Two paths each way:
   one program per (sample, group) combines them in a fixed order, and an elementwise kernel over
   (sample, channel block, spatial block) writes the output.
 
-Statistics are float32 (two-pass within a tile, Chan's combination across tiles and chunks). Every
-reduction is a tl.sum or a loop in a fixed order, never an atomic: results are bit-identical run to run.
+Statistics are float32 (two-pass within a single-pass program; shifted sums within a chunk of the
+split path; Chan's combination across chunks). Every reduction is a tl.sum or a loop in a fixed order,
+never an atomic: results are bit-identical run to run.
 """
 
 import triton
@@ -199,30 +200,31 @@ def group_norm_stats_kernel(
     c = c1[:, None]
     cmask = c < C
     base = n.to(tl.int64) * stride_n
-    a = tl.zeros([BLOCK_C, 1], tl.float32)
-    if HAS_ADD:
-        a = tl.load(add_ptr + n.to(tl.int64) * stride_an + c, mask=cmask, other=0.0).to(tl.float32)
     s_lo = sc * S_CHUNK
     s_hi = tl.minimum(s_lo + S_CHUNK, S)
-    mean = tl.zeros([BLOCK_C, 1], tl.float32)
-    m2 = tl.zeros([BLOCK_C, 1], tl.float32)
-    # Stage 1: per tile, two-pass mean and M2 of each channel; Chan's combination into the running pair.
+    # Stage 1: sums of d = x - K and d^2 with K each channel's first element of the chunk (a shifted sum:
+    # no cancellation of large means), accumulated elementwise over the tiles; one reduction at the end.
+    k0 = tl.load(x_ptr + base + c1 * stride_c + s_lo * stride_s, mask=c1 < C, other=0.0).to(tl.float32)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)[None, :]
         mask = cmask & (s < s_hi)
-        h = tl.load(x_ptr + base + c * stride_c + s * stride_s, mask=mask, other=0.0).to(tl.float32) + a
-        n_a = (s0 - s_lo).to(tl.float32)
-        n_b = tl.minimum(s_hi - s0, BLOCK_S).to(tl.float32)
-        mean_b = tl.sum(tl.where(mask, h, 0.0), axis=1, keep_dims=True) / n_b
-        d = tl.where(mask, h - mean_b, 0.0)
-        m2_b = tl.sum(d * d, axis=1, keep_dims=True)
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / (n_a + n_b))
-        m2 = m2 + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
-    # Stage 2: write this chunk's pair.
-    off = (n.to(tl.int64) * C + c) * P + sc
-    tl.store(pmean_ptr + off, mean, mask=cmask)
-    tl.store(pm2_ptr + off, m2, mask=cmask)
+        d = tl.where(mask, tl.load(x_ptr + base + c * stride_c + s * stride_s, mask=mask, other=0.0).to(tl.float32)
+                     - k0[:, None], 0.0)
+        acc1 += d
+        acc2 += d * d
+    # Stage 2: this chunk's mean (of x + add) and M2 = sum d^2 - (sum d)^2 / count.
+    count = (s_hi - s_lo).to(tl.float32)
+    s1 = tl.sum(acc1, axis=1)
+    dm = s1 / count
+    mean = k0 + dm
+    if HAS_ADD:
+        mean += tl.load(add_ptr + n.to(tl.int64) * stride_an + c1, mask=c1 < C, other=0.0).to(tl.float32)
+    m2 = tl.maximum(tl.sum(acc2, axis=1) - s1 * dm, 0.0)
+    off = (n.to(tl.int64) * C + c1) * P + sc
+    tl.store(pmean_ptr + off, mean, mask=c1 < C)
+    tl.store(pm2_ptr + off, m2, mask=c1 < C)
 
 
 @triton.jit

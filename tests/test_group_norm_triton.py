@@ -302,3 +302,19 @@ def test_split_path_prediction_matches_the_launcher():
     assert takes_split_path(torch.empty(8, 512, 32, 32, dtype=torch.bfloat16), 32)
     # 64x128x32x32: 2048 programs, groups of 4K elements: one pass.
     assert not takes_split_path(torch.empty(64, 128, 32, 32, dtype=torch.bfloat16), 32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_split_statistics_with_a_large_mean_and_an_outlier_first(layout):
+    """The split path's shifted sums (shift: each chunk's first element) against float64, where a plain
+    E[x^2] - E[x]^2 in float32 would lose the variance: mean 1000, std 1, and an outlier as the shift."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 16, 16, generator=g) + 1000.0
+    x[:, :, 0, 0] += 25.0  # the first element of every channel: the shift of its first chunk
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    out, mean, rstd = group_norm_fwd(x, 4, eps=1e-5, **SPLIT)
+    xd = x.double().reshape(2, 4, -1)
+    assert_close(mean, xd.mean(-1).float(), torch.float32, rtol=1e-6, atol=1e-4)
+    assert_close(rstd, (xd.var(-1, unbiased=False) + 1e-5).rsqrt().float(), torch.float32, rtol=1e-4, atol=1e-5)
+    assert_close(out, reference(x.double(), 4), torch.float32, rtol=1e-4, atol=1e-4)
