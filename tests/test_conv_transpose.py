@@ -530,3 +530,16 @@ def test_planned_path_still_rejects_bad_arguments():
         conv_transpose2d(x, w, b, **dict(conv_args(c), groups=True))
     with pytest.raises(ValueError, match="out"):
         conv_transpose2d(x, w, b, **conv_args(c), out=torch.empty(1))
+
+
+def test_module_calls_take_the_planned_path():
+    """nn.Parameter weights count as plain tensors: a module's repeated calls reuse one plan."""
+    import importlib
+    ct_module = importlib.import_module("vlfast.ops.conv_transpose")
+    m = vlfast.nn.ConvTranspose2d(4, 3, 2, stride=2)
+    x = torch.randn(1, 4, 3, 3)
+    ct_module._PLANS.clear()
+    with torch.no_grad():
+        y1 = m(x)
+        y2 = m(x)
+    assert len(ct_module._PLANS) == 1 and torch.equal(y1, y2)

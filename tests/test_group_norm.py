@@ -252,3 +252,18 @@ def test_planned_path_still_rejects_bad_arguments():
         group_norm(x, 4, **dict(kw, activation=["silu"]))
     with pytest.raises(TypeError, match="weight"):
         group_norm(x, 4, **dict(kw, weight=[1.0] * 8))
+
+
+def test_module_calls_take_the_planned_path():
+    """nn.Parameter weights count as plain tensors: a module's repeated calls reuse one plan."""
+    import importlib
+    gn_module = importlib.import_module("vlfast.ops.group_norm")
+    m = vlfast.nn.GroupNorm(4, 8, activation="silu")
+    x = torch.randn(2, 8, 5, 5)
+    gn_module._PLANS.clear()
+    with torch.no_grad():
+        y1 = m(x)
+        y2 = m(x)
+    assert len(gn_module._PLANS) == 1 and torch.equal(y1, y2)
+    y3 = m(x)  # records gradients: a second plan, same result
+    assert len(gn_module._PLANS) == 2 and torch.equal(y3.detach(), y1)

@@ -38,3 +38,9 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plain_tensor(t) -> bool:
+    """A torch.Tensor or nn.Parameter (not another subclass): one whose metadata alone decides what an op's
+    checks and launch plan conclude, so that a plan may be cached for it."""
+    return type(t) is Tensor or type(t) is torch.nn.Parameter

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import conv_transpose as ref
-from ._common import ACT_CODE, ACT_NAME, memory_format
+from ._common import ACT_CODE, ACT_NAME, memory_format, plain_tensor
 
 OP = "conv_transpose2d"
 _aten = torch.ops.aten
@@ -209,7 +209,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y = F.silu(y)        # activation="silu"
         out.copy_(y)         # out= given
     """
-    if type(input) is Tensor and not torch.compiler.is_compiling():
+    if plain_tensor(input) and not torch.compiler.is_compiling():
         # Inference in eager at a geometry seen before: skip the checks and the planning (they passed for
         # the same metadata), most of the host time of a call.
         try:
@@ -315,8 +315,7 @@ def _meta(t) -> tuple:
 def _geometry(x, weight, bias, stride, padding, output_padding, groups, dilation, activation, out, backend):
     """Everything the op's checks, its backend choice and its launch plan depend on, as a dict key (None
     where a tensor argument is not a plain tensor: such calls take the checked path)."""
-    if type(weight) is not Tensor or not (bias is None or type(bias) is Tensor) or not (
-            out is None or type(out) is Tensor):
+    if not plain_tensor(weight) or not (bias is None or plain_tensor(bias)) or not (out is None or plain_tensor(out)):
         return None
     return (_meta(x), _meta(weight), bias if bias is None else _meta(bias), out if out is None else _meta(out),
             stride, padding, output_padding, type(groups), groups, dilation, activation, backend,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import group_norm as ref
-from ._common import ACT_CODE, ACT_NAME, memory_format
+from ._common import ACT_CODE, ACT_NAME, memory_format, plain_tensor
 
 OP = "group_norm"
 _GRAD_NAMES = ("input", "weight", "bias", "add", "scale", "shift")
@@ -203,7 +203,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         out = F.silu(y)   # activation="silu"
     """
     compiling = torch.compiler.is_compiling()
-    if not compiling and type(input) is Tensor:
+    if not compiling and plain_tensor(input):
         # Eager, at a geometry seen before: skip the checks and the planning (they passed for the same
         # metadata), the largest part of a small call's host time.
         key = _geometry(input, num_groups, weight, bias, add, scale, shift, activation, backend)
@@ -259,7 +259,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     else:
         run = _plan(name, input, copy, num_groups, weight, bias, add, scale, shift, act)
     key = _geometry(given, num_groups, weight, bias, add, scale, shift, activation, backend)
-    if type(given) is Tensor and key is not None:
+    if plain_tensor(given) and key is not None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
         _PLANS[(key, needs_grad)] = (last, run)
@@ -277,7 +277,7 @@ def _geometry(x, num_groups, weight, bias, add, scale, shift, activation, backen
     for t in (weight, bias, add, scale, shift):
         if t is None:
             params.append(None)
-        elif type(t) is Tensor:
+        elif plain_tensor(t):
             params.append((t.shape, t.stride(), t.dtype, t.device))
         else:
             return None

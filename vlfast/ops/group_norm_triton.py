@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, cdiv, num_sms, pow2
+from ._common import ACT_CODE, cdiv, num_sms, plain_tensor, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
@@ -206,7 +206,7 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     """
     overrides = (single_max, split_tile, split_programs, groups_per_program)
     key = None
-    if overrides == (None,) * 4 and all(t is None or type(t) is Tensor for t in (weight, bias, add, scale, shift)):
+    if overrides == (None,) * 4 and all(t is None or plain_tensor(t) for t in (weight, bias, add, scale, shift)):
         # A training step's forwards come here at the same few geometries: plan each once.
         key = (x.shape, x.stride(), x.dtype, x.device, num_groups, activation,
                *(None if t is None else (t.shape, t.stride(), t.dtype) for t in (weight, bias, add, scale, shift)))
