@@ -3,8 +3,8 @@
 The interpreter proves a kernel's arithmetic, not its compilation: layouts, register pressure and
 vector widths only show when Triton lowers it for a real target. Triton's ahead-of-time path
 (``triton.compile`` with a ``GPUTarget``) runs its whole pipeline, ``ptxas`` included, with no GPU, so
-this module compiles the kernels at the configurations their launchers pick for the benchmark shapes
-and reports, per kernel: registers, stack and local memory (spills), the widths of the global loads
+this module runs the launchers on meta tensors at the benchmark shapes, records the launches they
+make (kernel, arguments, tiles) and compiles exactly those, reporting per kernel: registers, stack and local memory (spills), the widths of the global loads
 and stores in the PTX, and whether the tensor-core path is ``wgmma``. ``tests/test_compile_check.py``
 turns the facts the kernels rely on into assertions. Run it by hand::
 
@@ -89,110 +89,101 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     return tuple(int(v) for v in found.groups())
 
 
-def _pow2(v: int) -> int:
-    return 1 << (max(v, 1) - 1).bit_length()
+# ---------------------------------------------------------------- the launchers' own launches
+_PTR = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
 
 
-# ---------------------------------------------------------------- the kernels at their benchmark shapes
-def conv_transpose_case(n, cin, cout, h, k, s, p, x_nchw: bool, out_nchw: bool, dtype: str = "bf16") -> Compiled:
-    """conv_transpose2d_subpixel_kernel as the launcher configures it for this geometry (square, groups 1)."""
+def launches(module, run) -> list:
+    """Run ``run()`` (a launcher call on meta tensors: nothing is allocated or computed) with every
+    ``*_kernel`` of ``module`` replaced by a recorder, as on a GPU (not the interpreter's tiles), and
+    return what the launchers launched: (kernel, positional args, keyword args) per launch."""
+    import contextlib
+
     from vlfast import backends
-    from vlfast.kernels.conv_transpose import conv_transpose2d_subpixel_kernel as kernel
-    from vlfast.ops.conv_transpose_triton import _cells, subpixel_config
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
+
+    with contextlib.ExitStack() as stack:
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                stack.enter_context(mock.patch.object(module, name, Recorder(getattr(module, name))))
+        stack.enter_context(mock.patch.object(backends, "interpret_mode", return_value=False))
+        run()
+    return calls
+
+
+def compile_launch(fn, args, kwargs) -> Compiled:
+    """One recorded launch compiled for sm_90 with the launch's own arguments and specialisation."""
     import torch
-
-    oh = (h - 1) * s - 2 * p + k
-    taps, c0, cells = _cells(h, oh, k, s, p)
-    if taps > 1 and x_nchw and cin >= 16:  # the launcher makes such inputs channels_last first
-        x_nchw = False
-    crop = bool(p % s or (c0 + cells) * s - p > oh)
-    w_rows = out_nchw and (s & (s - 1)) == 0
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    with mock.patch.object(backends, "interpret_mode", return_value=False):
-        cfg = subpixel_config(n * cells * cells, s * s * cout, taps * taps * cin, cin, torch_dtype,
-                              wide=taps == 1 and not crop and (w_rows or not out_nchw))
-    w_rows = w_rows and cfg["BLOCK_N"] % s == 0
-    w_tile = min(_pow2(cells), cfg["BLOCK_M"]) if (w_rows or x_nchw) else 0
-    xs = (cin * h * h, h * h, h, 1) if x_nchw else (cin * h * h, 1, h * cin, cin)
-    ys = (cout * oh * oh, oh * oh, oh, 1) if out_nchw else (cout * oh * oh, 1, oh * cout, cout)
-    ints = dict(N=n, H=h, W=h, OH=oh, OW=oh, CH0=c0, CW0=c0, CH=cells, CW=cells, OH0=c0 * s - p, OW0=c0 * s - p,
-                CIN_G=cin, COUT_G=cout, SH=s, stride_xn=xs[0], stride_xc=xs[1], stride_xh=xs[2], stride_xw=xs[3],
-                stride_on=ys[0], stride_oc=ys[1], stride_oh=ys[2], stride_ow=ys[3])
-    consts = dict(HAS_BIAS=True, ACT=2, PRECISION="tf32", TH=taps, TW=taps, SW=s, RW_INNER=out_nchw, W_TILE=w_tile,
-                  W_ROWS_STORE=w_rows, CROP=crop, **{k: v for k, v in cfg.items() if k.isupper()})
-    types = {name: dtype for name in ("x_ptr", "wsp_ptr", "bias_ptr", "out_ptr")}
-    return compile_sm90(kernel, types, ints, consts, cfg["num_warps"], cfg["num_stages"],
-                        frozenset({"N", "H", "W", "SH"}))
+    types, ints = {}, {}
+    for name, value in zip(fn.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            types[name] = _PTR[str(value.dtype)]
+        elif isinstance(value, int):
+            ints[name] = value
+    consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    unspecialized = frozenset(fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize)
+    return compile_sm90(fn, types, ints, consts, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3),
+                        unspecialized)
 
 
-def conv_transpose_backward_cases(n, cin, cout, h, k, s, p, dtype: str = "bf16") -> tuple[Compiled, Compiled]:
-    """The dgrad and wgrad kernels of a channels_last transposed convolution, as their launcher configures them."""
+def _meta(shape, dtype, channels_last=False):
     import torch
-    from vlfast import backends
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.to(memory_format=torch.channels_last) if channels_last else t
+
+
+def conv_transpose_case(n, cin, cout, h, k, s, p, x_nchw: bool, out_nchw: bool, dtype=None) -> Compiled:
+    """The forward launch of ``conv_transpose2d_into`` at this geometry (square, groups 1, bias, ReLU)."""
+    import torch
     from vlfast.kernels import conv_transpose as kernels
-    from vlfast.ops.conv_transpose_triton import _cells, backward_config
-
+    from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
+    dtype = dtype or torch.bfloat16
     oh = (h - 1) * s - 2 * p + k
-    taps, c0, cells = _cells(h, oh, k, s, p)
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    xs, ys = (cin * h * h, 1, h * cin, cin), (cout * oh * oh, 1, oh * cout, cout)
-    unspecialized = frozenset({"N", "H", "W", "OH", "OW", "CH", "CW", "SH", "cells_per_split"})
-    with mock.patch.object(backends, "interpret_mode", return_value=False):
-        dcfg = backward_config(n * h * h, cin, s * cout, torch_dtype)
-        wcfg = backward_config(taps * taps * cin, s * s * cout, n * cells * cells, torch_dtype)
-    wcfg["BLOCK_M"] = min(wcfg["BLOCK_M"], _pow2(taps * taps * cin))
-    common = dict(PRECISION="tf32", TH=taps, TW=taps, SW=s)
-    ints = dict(N=n, H=h, W=h, OH=oh, OW=oh, CIN_G=cin, COUT_G=cout, SH=s, PH=p, PW=p, CH0=c0, CW0=c0, CH=cells,
-                CW=cells, cells_per_split=4096, stride_dn=ys[0], stride_dc=ys[1], stride_dh=ys[2], stride_dw=ys[3],
-                stride_xn=xs[0], stride_xc=xs[1], stride_xh=xs[2], stride_xw=xs[3])
-    dgrad = compile_sm90(kernels.conv_transpose2d_dgrad_kernel, {"dy_ptr": dtype, "wsp_ptr": dtype, "dx_ptr": dtype},
-                         ints, dict(common, GROUP_M=8, **{k: v for k, v in dcfg.items() if k.isupper()}),
-                         dcfg["num_warps"], dcfg["num_stages"], unspecialized)
-    wgrad = compile_sm90(kernels.conv_transpose2d_wgrad_kernel, {"x_ptr": dtype, "dy_ptr": dtype, "part_ptr": "fp32"},
-                         ints, dict(common, **{k: v for k, v in wcfg.items() if k.isupper()}),
-                         wcfg["num_warps"], wcfg["num_stages"], unspecialized)
-    return dgrad, wgrad
+    x = _meta((n, cin, h, h), dtype, not x_nchw)
+    out = _meta((n, cout, oh, oh), dtype, not out_nchw)
+    w, b = _meta((cin, cout, k, k), dtype), _meta((cout,), dtype)
+    (call,) = [c for c in launches(kernels, lambda: conv_transpose2d_into(
+        out, x, w, b, (s, s), (p, p), (0, 0), 1, (1, 1), 2)) if c[0].__name__.endswith("subpixel_kernel")]
+    return compile_launch(*call)
 
 
-def group_norm_case(n, c, g, hw, channels_last: bool, dtype: str = "bf16") -> Compiled:
-    """The single-pass GroupNorm forward the launcher picks (ddpm pattern: add, weight, bias, SiLU)."""
+def conv_transpose_backward_case(n, cin, cout, h, k, s, p, which: str, dtype=None) -> Compiled:
+    """The dgrad or wgrad launch of ``conv_transpose2d_backward`` (channels_last)."""
+    import torch
+    from vlfast.kernels import conv_transpose as kernels
+    from vlfast.ops.conv_transpose_triton import conv_transpose2d_backward
+    dtype = dtype or torch.bfloat16
+    oh = (h - 1) * s - 2 * p + k
+    x, dy = _meta((n, cin, h, h), dtype, True), _meta((n, cout, oh, oh), dtype, True)
+    calls = launches(kernels, lambda: conv_transpose2d_backward(dy, x, _meta((cin, cout, k, k), dtype), (s, s),
+                                                                (p, p), 1, (True, True)))
+    (call,) = [c for c in calls if c[0].__name__.endswith(f"{which}_kernel")]
+    return compile_launch(*call)
+
+
+def group_norm_case(n, c, g, hw, channels_last: bool, backward=False, dtype=None) -> Compiled:
+    """The GroupNorm launch of the ddpm pattern (add, fp32 weight and bias, SiLU) at this shape: the
+    forward's first kernel, or the backward's first (every gradient needed)."""
     import torch
     from vlfast.kernels import group_norm as kernels
-    from vlfast.ops.group_norm_triton import _warps, default_groups_per_program
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    cpg = c // g
-    stride_c, stride_s = (1, c) if channels_last else (hw, 1)
-    gpp = default_groups_per_program(n, c, g, hw, torch_dtype, stride_c, torch.device("cpu"))  # an H100: 132 SMs
-    block_c, block_s = _pow2(cpg), _pow2(hw)
-    ints = dict(S=hw, G=g, CPG=cpg, stride_n=c * hw, stride_c=stride_c, stride_s=stride_s, stride_an=c,
-                stride_scn=c, stride_shn=c)
-    consts = dict(HAS_W=True, HAS_B=True, HAS_ADD=True, HAS_SCALE=False, HAS_SHIFT=False, ACT=1,
-                  BLOCK_C=block_c, BLOCK_S=block_s)
-    types = {name: dtype for name in ("x_ptr", "out_ptr", "add_ptr")}
-    types.update({name: "fp32" for name in ("mean_ptr", "rstd_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr")})
-    if gpp == 0:
-        return compile_sm90(kernels.group_norm_fwd_fused_kernel, types, ints, consts, _warps(block_c * block_s))
-    consts.update(CPG=cpg, GPP=gpp)
-    return compile_sm90(kernels.group_norm_fwd_fused_groups_kernel, types, ints, consts,
-                        _warps(gpp * block_c * block_s))
-
-
-def group_norm_bwd_case(n, c, g, hw, dtype: str = "bf16") -> Compiled:
-    """The single-pass GroupNorm backward of the ddpm pattern, NCHW, every gradient needed."""
-    from vlfast.kernels import group_norm as kernels
-    from vlfast.ops.group_norm_triton import _warps
-
-    cpg = c // g
-    block_c, block_s = _pow2(cpg), _pow2(hw)
-    ints = dict(C=c, S=hw, G=g, CPG=cpg, stride_n=c * hw, stride_c=hw, stride_s=1, stride_an=c, stride_scn=c,
-                stride_shn=c)
-    consts = dict(HAS_W=True, HAS_B=True, HAS_ADD=True, HAS_SCALE=False, HAS_SHIFT=False, ACT=1, NEED_DX=True,
-                  NEED_DADD=True, NEED_DSCALE=False, NEED_DSHIFT=False, NEED_WB=True, BLOCK_C=block_c, BLOCK_S=block_s)
-    types = {name: dtype for name in ("x_ptr", "dy_ptr", "dx_ptr", "add_ptr", "dadd_ptr")}
-    types.update({name: "fp32" for name in ("mean_ptr", "rstd_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr",
-                                            "dscale_ptr", "dshift_ptr", "pdb_ptr", "pdw_ptr")})
-    return compile_sm90(kernels.group_norm_bwd_fused_kernel, types, ints, consts, _warps(2 * block_c * block_s))
+    from vlfast.ops.group_norm_triton import group_norm_bwd, group_norm_fwd
+    dtype = dtype or torch.bfloat16
+    x = _meta((n, c, hw, 1), dtype, channels_last)
+    w, b, add = _meta((c,), torch.float32), _meta((c,), torch.float32), _meta((n, c), dtype)
+    if backward:
+        stats = _meta((n, g), torch.float32)
+        calls = launches(kernels, lambda: group_norm_bwd(x, x, g, w, b, add, None, None, "silu", stats, stats,
+                                                         (True,) * 6))
+    else:
+        calls = launches(kernels, lambda: group_norm_fwd(x, g, w, b, 1e-5, add, None, None, "silu"))
+    return compile_launch(*calls[0])
 
 
 CASES = {
@@ -201,12 +192,12 @@ CASES = {
     "conv N8 256-128 64 k4s2p1 bf16 NHWC": lambda: conv_transpose_case(8, 256, 128, 64, 4, 2, 1, False, False),
     "conv N8 21-21 16 k64s32p16 bf16 NCHW": lambda: conv_transpose_case(8, 21, 21, 16, 64, 32, 16, True, True),
     "conv N8 64-3 128 k4s2p1 bf16 NHWC": lambda: conv_transpose_case(8, 64, 3, 128, 4, 2, 1, False, False),
-    "conv dgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_cases(8, 1024, 512, 32, 2, 2, 0)[0],
-    "conv wgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_cases(8, 1024, 512, 32, 2, 2, 0)[1],
+    "conv dgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_case(8, 1024, 512, 32, 2, 2, 0, "dgrad"),
+    "conv wgrad N8 1024-512 32 k2s2 bf16 NHWC": lambda: conv_transpose_backward_case(8, 1024, 512, 32, 2, 2, 0, "wgrad"),
     "gn 16x256x64x64 bf16 NCHW": lambda: group_norm_case(16, 256, 32, 64 * 64, False),
     "gn 16x256x64x64 bf16 NHWC": lambda: group_norm_case(16, 256, 32, 64 * 64, True),
     "gn 64x128x32x32 bf16 NHWC": lambda: group_norm_case(64, 128, 32, 32 * 32, True),
-    "gn backward 64x128x32x32 bf16 NCHW": lambda: group_norm_bwd_case(64, 128, 32, 32 * 32),
+    "gn backward 64x128x32x32 bf16 NCHW": lambda: group_norm_case(64, 128, 32, 32 * 32, False, backward=True),
 }
 
 
