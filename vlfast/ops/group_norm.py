@@ -147,8 +147,9 @@ class _GroupNormFunction(torch.autograd.Function):
     (H100, 2026-11-26: about 1 ms per forward + backward through the custom op)."""
 
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
-        out, mean, rstd = FWD[_pair(backend)[0]](x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    def forward(ctx, x, num_groups, weight, bias, eps, add, scale, shift, activation, backend, forward):
+        """``forward(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd)``: the op's planned forward."""
+        out, mean, rstd = forward(x, weight, bias, eps, add, scale, shift)
         _setup_context(ctx, (x, num_groups, weight, bias, eps, add, scale, shift, activation, backend),
                        (out, mean, rstd))
         return out
@@ -156,7 +157,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        return _input_grads(ctx, grad_out, lambda *args: BWD[args[-1]](*args[:-1]))
+        return _input_grads(ctx, grad_out, lambda *args: BWD[args[-1]](*args[:-1])) + (None,)
 
 
 # ---------------------------------------------------------------- the Python entry
@@ -251,19 +252,21 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if compiling:
         return group_norm_fwd(*args, name)[0]
     copy, act = input is not given, ACT_CODE[activation]
+    forward = _plan(_pair(name)[0], input, num_groups, weight, bias, add, scale, shift, act)
     if needs_grad:
         # In eager, skip the custom op's Python layers: they cost more than the kernels.
         def run(x, weight, bias, eps, add, scale, shift):
             return _GroupNormFunction.apply(x.contiguous() if copy else x, num_groups, weight, bias, eps, add,
-                                            scale, shift, act, name)
+                                            scale, shift, act, name, forward)
     else:
-        run = _plan(name, input, copy, num_groups, weight, bias, add, scale, shift, act)
+        def run(x, weight, bias, eps, add, scale, shift):
+            return forward(x.contiguous() if copy else x, weight, bias, eps, add, scale, shift)[0]
     key = _geometry(given, num_groups, weight, bias, add, scale, shift, activation, backend)
     if plain_tensor(given) and key is not None:
         if len(_PLANS) >= 256:
             _PLANS.clear()
         _PLANS[(key, needs_grad)] = (last, run)
-    return run(input, weight, bias, float(eps), add, scale, shift)
+    return run(given, weight, bias, float(eps), add, scale, shift)
 
 
 # ({op: backend} to report, run) per call geometry and need of gradients, in eager: see _geometry and _plan.
@@ -286,20 +289,20 @@ def _geometry(x, num_groups, weight, bias, add, scale, shift, activation, backen
             id(backends.PRIORITY.get(x.device.type)), *params)
 
 
-def _plan(name, x, copy, num_groups, weight, bias, add, scale, shift, activation):
-    """run(x, weight, bias, eps, add, scale, shift) -> out of backend ``name`` for tensors like these.
-    x is the checked input; ``copy``: inputs like the caller's are first made contiguous (not dense)."""
+def _plan(name, x, num_groups, weight, bias, add, scale, shift, activation):
+    """forward(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd) on backend ``name`` for tensors
+    like these (x as the kernels take it): for Triton, everything worked out from the metadata is done
+    here once (``plan_fwd``), so that a call only allocates and launches."""
     if name == "triton":
         from .group_norm_triton import plan_fwd
         with backends.device_guard(x):
             launch = plan_fwd(x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation])
 
-        def run_triton(x, weight, bias, eps, add, scale, shift):
+        def forward_triton(x, weight, bias, eps, add, scale, shift):
             with backends.device_guard(x):
-                return launch(x.contiguous() if copy else x, weight, bias, eps, add, scale, shift)[0]
-        return run_triton
+                return launch(x, weight, bias, eps, add, scale, shift)
+        return forward_triton
 
-    def run(x, weight, bias, eps, add, scale, shift):
-        x = x.contiguous() if copy else x
-        return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)[0]
-    return run
+    def forward(x, weight, bias, eps, add, scale, shift):
+        return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    return forward

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import ACT_CODE, cdiv, num_sms, plain_tensor, pow2
+from ._common import ACT_CODE, cdiv, num_sms, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
@@ -204,25 +204,9 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         h = x + add[:, :, None, None]
         out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
     """
-    overrides = (single_max, split_tile, split_programs, groups_per_program)
-    key = None
-    if overrides == (None,) * 4 and all(t is None or plain_tensor(t) for t in (weight, bias, add, scale, shift)):
-        # A training step's forwards come here at the same few geometries: plan each once.
-        key = (x.shape, x.stride(), x.dtype, x.device, num_groups, activation,
-               *(None if t is None else (t.shape, t.stride(), t.dtype) for t in (weight, bias, add, scale, shift)))
-        run = _FWD_PLANS.get(key)
-        if run is not None:
-            return run(x, weight, bias, eps, add, scale, shift)
     run = plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation, single_max=single_max,
                    split_tile=split_tile, split_programs=split_programs, groups_per_program=groups_per_program)
-    if key is not None:
-        if len(_FWD_PLANS) >= 256:
-            _FWD_PLANS.clear()
-        _FWD_PLANS[key] = run
     return run(x, weight, bias, eps, add, scale, shift)
-
-
-_FWD_PLANS: dict = {}  # plan_fwd's runs per input geometry (default heuristics only)
 
 
 def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
