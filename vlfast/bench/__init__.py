@@ -1,5 +1,6 @@
 """Benchmarks of every vlfast op against eager PyTorch and torch.compile (``python -m vlfast bench``)."""
 
+import argparse
 import signal
 import threading
 
@@ -73,3 +74,24 @@ def report(info: dict, copy_gbps: float, rows, json_path: str | None = None) -> 
             print(f"failed: {r.op} {r.case} {r.provider}: {r.extra.get('error', 'no timing')}")
     if json_path:
         write_json(json_path, info, rows, {"copy_gbps": copy_gbps})
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every ``benchmarks/bench_<op>.py`` takes: --device, --dtypes, --no-compile, --json."""
+    import torch
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", nargs="*", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def script(op: str, args: argparse.Namespace, shapes=None):
+    """Run one op's benchmarks as parsed by :func:`parser`, print and save them; returns the rows."""
+    import torch
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    info, copy_gbps, rows = run(torch.device(args.device), (op,), shapes=shapes, dtypes=dtypes,
+                                compile_=not args.no_compile)
+    report(info, copy_gbps, rows, args.json)
+    return rows

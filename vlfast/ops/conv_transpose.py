@@ -329,7 +329,8 @@ def _plan(name, x, weight, bias, geometry, dst, unbatched, shape):
     fmt = memory_format(x)
     if name == "triton":
         from .conv_transpose_triton import plan_into
-        target = dst if dst is not None else torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        # The plan needs the output's strides only: a meta tensor, nothing allocated.
+        target = dst if dst is not None else torch.empty(shape, dtype=x.dtype, device="meta", memory_format=fmt)
         launch = plan_into(target, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
 
         def into(dst, x, weight, bias):
