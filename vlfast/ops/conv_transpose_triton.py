@@ -60,34 +60,38 @@ def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype,
     (compiled for sm_90 with Triton 3.6, 2026-11-26: 198-242 registers and no spills there; with two
     taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not)."""
     if backends.interpret_mode():
-        return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n_cols, 16, 32), BLOCK_K=16, GROUP_M=4,
-                    num_warps=4, num_stages=1)
+        return _interpreter_tiles(m, n_cols)
     if m * n_cols * k < SMALL_MACS:
         return dict(SMALL)
-    fp32 = dtype == torch.float32
-    if wide and not fp32 and m >= 4096 and n_cols >= 256 and cin_g >= 256:
+    if wide and dtype != torch.float32 and m >= 4096 and n_cols >= 256 and cin_g >= 256:
         # The best of the plain-pointer configs on the U-Net up-conv's GEMM (8192x2048x1024) and a 3x3 conv's
         # (32768x256x2304) in the shared H100 Triton probe: 538 and 453 TF/s against 498-508 and 420 for 128x128.
         # Not below K = 256: a short K loop leaves one 256-column tile an SM mostly storing (unmeasured).
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    block_n = 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64)
-    block_k = _clamp_pow2(cin_g, 16, 32 if fp32 else 64)
-    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+    return _tiles(m, 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64), cin_g, dtype)
 
 
 def phase_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
     """Tiles of conv_transpose2d_phase_kernel: M = a phase's N*TH*TW output pixels, N = Cout/G, K = taps x Cin/G."""
     if backends.interpret_mode():
-        return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(cout_g, 16, 32), BLOCK_K=16, GROUP_M=4,
-                    num_warps=4, num_stages=1)
+        return _interpreter_tiles(m, cout_g)
     if m * cout_g * cin_g < SMALL_MACS:
         return dict(SMALL)
+    return _tiles(m, _clamp_pow2(cout_g, 16, 128), cin_g, dtype)
+
+
+def _tiles(m: int, block_n: int, k_chunk: int, dtype: torch.dtype) -> dict:
+    """The tile rule the GEMMs share: 128 rows from 4096 on; K chunks of up to 32 (fp32) or 64 (16-bit)
+    elements, never longer than ``k_chunk``; 8 warps for 128 columns; more pipeline stages in 16-bit."""
     fp32 = dtype == torch.float32
-    block_n = _clamp_pow2(cout_g, 16, 128)
-    block_k = _clamp_pow2(cin_g, 16, 32 if fp32 else 64)
-    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=_clamp_pow2(k_chunk, 16, 32 if fp32 else 64),
+                GROUP_M=8, num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+
+
+def _interpreter_tiles(m: int, n: int) -> dict:
+    """One small tile shape under the interpreter (CPU tests): few compiles, quick numpy."""
+    return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n, 16, 32), BLOCK_K=16, GROUP_M=4, num_warps=4,
+                num_stages=1)
 
 
 def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> Tensor:
@@ -286,14 +290,11 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
 
 
 def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Tiles of the two backward GEMMs: M rows, N columns, K the reduction."""
-    if backends.interpret_mode():
-        return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n, 16, 32), BLOCK_K=16, num_warps=4,
-                    num_stages=1)
-    fp32 = dtype == torch.float32
-    block_n = _clamp_pow2(n, 16, 128)
-    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=_clamp_pow2(k, 16, 32 if fp32 else 64),
-                num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+    """Tiles of the two backward GEMMs: M rows, N columns, K the reduction (no grouped order: GROUP_M is the
+    dgrad launcher's)."""
+    cfg = _interpreter_tiles(m, n) if backends.interpret_mode() else _tiles(m, _clamp_pow2(n, 16, 128), k, dtype)
+    del cfg["GROUP_M"]
+    return cfg
 
 
 def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, groups: int,
