@@ -10,6 +10,18 @@ import torch  # noqa: E402
 from vlfast import backends  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # dtype -> test id
+# GroupNorm: the gradients in the backward's order, and the fused patterns (which of add / scale / shift
+# are given, and the activation) the kernel tests share.
+GN_GRADS = ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")
+GN_PATTERNS = {
+    "plain": ((), None),
+    "ddpm": (("add",), "silu"),
+    "adm": (("scale", "shift"), "silu"),
+    "all-relu": (("add", "scale", "shift"), "relu"),
+    "scale-gelu": (("scale",), "gelu"),
+    "shift": (("shift",), None),
+}
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
 

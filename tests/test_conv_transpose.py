@@ -12,10 +12,9 @@ from vlfast.ops.conv_transpose_triton import precision
 from vlfast.reference import conv_transpose as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import DEVICES, backend_params, gpu, runnable
+from conftest import DEVICES, DT, backend_params, gpu, runnable
 
 pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
-DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ACTS = [None, "relu", "silu", "gelu"]
 
 

@@ -11,11 +11,10 @@ from vlfast.reference import ddpm as ref
 from vlfast.reference.philox import randn_philox
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import backend_params, gpu
+from conftest import DT, backend_params, gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 1, 1), (3, 5, 7, 11), (2, 3, 17, 19), (2, 4, 33, 40)]
-DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

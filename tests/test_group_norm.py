@@ -9,10 +9,9 @@ from vlfast.ops.group_norm import group_norm
 from vlfast.reference import group_norm as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import backend_params
+from conftest import DT, backend_params
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
-DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 PATTERNS = {
     "plain": dict(),
     "ddpm": dict(add=True, activation="silu"),

@@ -16,8 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlfast.ops._common import ACT_CODE
 from vlfast.reference.group_norm import group_norm as reference
 from vlfast.testing import assert_close, assert_low_precision_close
+
+from conftest import DT, GN_GRADS, GN_PATTERNS
 
 try:
     from vlfast import _C
@@ -31,19 +34,10 @@ pytestmark = [pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs a GPU and vlfas
 
 ENV = "VLFAST_GN_CUDA_PATH"
 PATHS = ("onepass", "split")
-ACTS = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
-DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-GRADS = ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")
+ACTS = ACT_CODE
+GRADS = GN_GRADS
 PARAMS = ("weight", "bias", "add", "scale", "shift")
-# Fused patterns: which of add / scale / shift are given, and the activation.
-PATTERNS = {
-    "plain": ((), None),
-    "ddpm": (("add",), "silu"),
-    "adm": (("scale", "shift"), "silu"),
-    "all-relu": (("add", "scale", "shift"), "relu"),
-    "scale-gelu": (("scale",), "gelu"),
-    "shift": (("shift",), None),
-}
+PATTERNS = GN_PATTERNS
 
 
 # ---------------------------------------------------------------- helpers

@@ -15,20 +15,12 @@ from vlfast.ops.group_norm_triton import group_norm_bwd, group_norm_fwd
 from vlfast.reference.group_norm import group_norm as reference
 from vlfast.testing import assert_close, assert_low_precision_close
 
+from conftest import DT, GN_GRADS, GN_PATTERNS
+
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
-DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-GRADS = ("dx", "dweight", "dbias", "dadd", "dscale", "dshift")
-# Fused patterns: which of add / scale / shift are given, and the activation.
-PATTERNS = {
-    "plain": ((), None),
-    "ddpm": (("add",), "silu"),
-    "adm": (("scale", "shift"), "silu"),
-    "all-relu": (("add", "scale", "shift"), "relu"),
-    "scale-gelu": (("scale",), "gelu"),
-    "shift": (("shift",), None),
-    "add-relu": (("add",), "relu"),
-}
+GRADS = GN_GRADS
+PATTERNS = dict(GN_PATTERNS, **{"add-relu": (("add",), "relu")})
 SPLIT = dict(single_max=0, split_tile=32, split_programs=6)  # several tiles per chunk, several chunks
 
 
