@@ -1,16 +1,19 @@
 """The activations fused into vlfast's Triton kernels, forward and backward, in float32.
 
-Codes (the ``activation`` argument of the ops): 0 none, 1 SiLU, 2 ReLU, 3 GELU (the erf form, as
-``F.gelu``'s default).
+Codes (the ``activation`` argument of the ops) come from the one table, vlfast/activations.py: 0 none,
+1 SiLU, 2 ReLU, 3 GELU (the erf form, as ``F.gelu``'s default). This package is installed as
+``vlfast.kernels``; it is never imported as a top-level ``kernels`` (the relative import below fails there).
 """
 
 import triton
 import triton.language as tl
 
-ACT_NONE = tl.constexpr(0)
-ACT_SILU = tl.constexpr(1)
-ACT_RELU = tl.constexpr(2)
-ACT_GELU = tl.constexpr(3)
+from ..activations import CODE
+
+ACT_NONE = tl.constexpr(CODE[None])
+ACT_SILU = tl.constexpr(CODE["silu"])
+ACT_RELU = tl.constexpr(CODE["relu"])
+ACT_GELU = tl.constexpr(CODE["gelu"])
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 

@@ -28,7 +28,7 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 def runnable(device: str, op: str | None = None) -> list[str]:
     """Backends that can run ``op`` on this device here; Triton on CPU only when interpreting."""
     dev = torch.device(device)
-    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, dev, op=op)]
+    return [name for name in backends.BACKENDS if not backends.not_supported_reasons(name, op, device=dev)]
 
 
 def backend_params(op: str | None = None):

@@ -9,7 +9,7 @@ import vlfast
 from vlfast.ops.ddpm import fused_step
 from vlfast.reference import ddpm as ref
 from vlfast.reference.philox import randn_philox
-from vlfast.testing import assert_close, assert_low_precision_close
+from vlfast.testing import assert_close, assert_low_precision_close, ddpm_coef
 
 from conftest import DT, backend_params, gpu
 
@@ -20,13 +20,7 @@ SHAPES = [(1, 1, 1, 1), (3, 5, 7, 11), (2, 3, 17, 19), (2, 4, 33, 40)]
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
-def make_coef(rows=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    coef = torch.rand(rows, ref.N_COEF, generator=g) * 2 - 1
-    coef[:, ref.SIGMA] = coef[:, ref.SIGMA].abs() + 0.1
-    coef[:, ref.LOG_MIN] = -3.0
-    coef[:, ref.LOG_MAX] = -1.0
-    return coef
+make_coef = ddpm_coef
 
 
 def inputs(shape, dtype, device, channels_last=False, seed=0):
@@ -252,7 +246,7 @@ def test_compile_fullgraph(device, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_cuda_graph_replays_draw_fresh_noise(backend):
-    if vlfast.backends.not_supported_reasons(backend, torch.device("cuda")):
+    if vlfast.backends.not_supported_reasons(backend, device=torch.device("cuda")):
         pytest.skip(f"{backend} unavailable")
     x, m, _, _ = inputs((4, 3, 32, 32), torch.float32, "cuda")
     coef = make_coef().cuda()
@@ -275,10 +269,14 @@ def test_cuda_graph_replays_draw_fresh_noise(backend):
     assert_close(noise, want, torch.float32, rtol=1e-5, atol=2e-5)
 
 
-def test_auto_order_can_be_replaced_per_input():
+def test_auto_order_can_be_replaced_per_input(monkeypatch):
     from vlfast import backends
-    cpu = torch.device("cpu")
-    assert backends.select("ddpm_step", cpu, torch.float32, prefer=("reference", "cpp")) == "reference"
+    from vlfast.ops.ddpm import OP
+    args = (torch.ones(2, 3), None, make_coef(), 1, None, None, None, None, 0, False, None, None, 0, None, True, False)
+    inputs = OP.check(*args)
+    monkeypatch.setattr(OP, "order", lambda direction, inputs: ("reference", "cpp"))
+    assert backends.select("ddpm_step", "forward", inputs) == "reference"
     with backends.use_backend("cpp"):  # a forced backend is not overridden
-        assert backends.select("ddpm_step", cpu, torch.float32, prefer=("reference",)) == "cpp"
-    assert backends.select("ddpm_step", cpu, torch.float32, kernels_pay=False) == "reference"
+        assert backends.select("ddpm_step", "forward", inputs) == "cpp"
+    monkeypatch.setattr(OP, "order", lambda direction, inputs: ("reference",))  # the kernels don't pay here
+    assert backends.select("ddpm_step", "forward", inputs) == "reference"

@@ -199,17 +199,24 @@ def test_compile_fullgraph():
 
 def test_auto_picks_forward_and_backward_backends_apart(monkeypatch):
     # Under auto, the backward takes the fastest backward backend, which may differ from the forward's.
-    monkeypatch.setitem(vlfast.backends.OP_PRIORITY, "group_norm", {"cpu": ("reference",)})
-    monkeypatch.setitem(vlfast.backends.OP_PRIORITY, "group_norm_bwd", {"cpu": ("cpp", "reference")})
+    from vlfast.ops.group_norm import OP
+    monkeypatch.setattr(OP, "order", lambda direction, inputs: ("reference",) if direction == "forward"
+                        else ("triton", "reference"))
     x, kw = make((2, 8, 3, 3), 4, torch.float32, "cpu", "ddpm")
     x.requires_grad_()
     group_norm(x, 4, **kw).sum().backward()
-    assert vlfast.last_backend("group_norm") == "reference" and vlfast.last_backend("group_norm_bwd") == "cpp"
+    assert vlfast.last_backend("group_norm") == "reference" and vlfast.last_backend("group_norm", "backward") == "triton"
     want = torch.autograd.grad(ref.group_norm(x, 4, **kw).sum(), x)[0]
     assert_close(x.grad, want, torch.float32, rtol=1e-4, atol=1e-4)
     with vlfast.use_backend("reference"):  # a forced backend runs both directions
         group_norm(x, 4, **kw).sum().backward()
-    assert vlfast.last_backend("group_norm_bwd") == "reference"
+    assert vlfast.last_backend("group_norm", "backward") == "reference"
+    with vlfast.use_backend("cpp"):  # ... where it has a backward: cpp has none, so auto's backward runs
+        group_norm(x, 4, **kw).sum().backward()
+    assert vlfast.last_backend("group_norm") == "cpp" and vlfast.last_backend("group_norm", "backward") == "triton"
+    with vlfast.use_backend("cpp+reference"):  # both named
+        group_norm(x, 4, **kw).sum().backward()
+    assert vlfast.last_backend("group_norm", "backward") == "reference"
 
 
 @pytest.mark.parametrize("device,backend", backend_params("group_norm"))
@@ -224,7 +231,7 @@ def test_repeated_geometry_takes_the_planned_path(device, backend):
     y1 = group_norm(x1, groups, **kw, backend=backend)
     keep = y1.clone()
     y2 = group_norm(x2, groups, **kw, backend=backend)  # the planned path
-    assert vlfast.last_backend("group_norm") == backend and len(gn_module._PLANS) > 0
+    assert vlfast.last_backend("group_norm") == backend and len(gn_module.OP.plans) > 0
     assert y2.data_ptr() != y1.data_ptr() and torch.equal(y1, keep)
     for x, y in ((x1, y1), (x2, y2)):
         assert_close(y, ref.group_norm(x.double(), groups, **{k: v if not torch.is_tensor(v) else v.double()
@@ -259,10 +266,10 @@ def test_module_calls_take_the_planned_path():
     gn_module = importlib.import_module("vlfast.ops.group_norm")
     m = vlfast.nn.GroupNorm(4, 8, activation="silu")
     x = torch.randn(2, 8, 5, 5)
-    gn_module._PLANS.clear()
+    gn_module.OP.plans.clear()
     with torch.no_grad():
         y1 = m(x)
         y2 = m(x)
-    assert len(gn_module._PLANS) == 1 and torch.equal(y1, y2)
+    assert len(gn_module.OP.plans) == 1 and torch.equal(y1, y2)
     y3 = m(x)  # records gradients: a second plan, same result
-    assert len(gn_module._PLANS) == 2 and torch.equal(y3.detach(), y1)
+    assert len(gn_module.OP.plans) == 2 and torch.equal(y3.detach(), y1)

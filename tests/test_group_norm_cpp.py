@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlfast.activations import CODE
 from vlfast.reference.group_norm import group_norm as ref_group_norm
 from vlfast.testing import assert_close, assert_low_precision_close
 
@@ -21,7 +22,7 @@ if not hasattr(torch.ops.vlfast, "group_norm_fwd_kernel"):
     pytest.skip("vlfast._C has no group_norm_fwd_kernel", allow_module_level=True)
 
 OP = torch.ops.vlfast.group_norm_fwd_kernel
-ACTS = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
+ACTS = CODE
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 pytestmark = pytest.mark.usefixtures("poison_empty")

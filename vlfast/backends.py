@@ -1,15 +1,22 @@
-"""Which implementation runs: the backend registry and its selection rules.
+"""Which implementation runs: the backend registry, what each backend supports, and the one selection rule.
 
-Backends: ``reference`` (plain PyTorch), ``triton`` (kernels/, on CUDA tensors,
-or on CPU tensors with ``TRITON_INTERPRET=1``), ``cuda`` (the extension's CUDA
-kernels) and ``cpp`` (the extension's CPU kernels).
+Backends: ``reference`` (plain PyTorch), ``triton`` (kernels/, on CUDA tensors, or on CPU tensors with
+``TRITON_INTERPRET=1``), ``cuda`` (the extension's CUDA kernels) and ``cpp`` (the extension's CPU kernels).
 
-Selection, first match wins: the ``backend=`` argument of a call, then
-``with vlfast.use_backend(name):``, then the ``VLFAST_BACKEND`` environment
-variable, then ``auto``: the first available backend of the device's priority
-list (ordered by measured speed, see benchmarks/NOTES.md). ``auto`` never
-raises; a forced backend that cannot run raises a ``RuntimeError`` listing
-every reason. ``vlfast.last_backend(op)`` says which backend ran last.
+The request, first match wins: the ``backend=`` argument of a call, then ``with vlfast.use_backend(name):``,
+then the ``VLFAST_BACKEND`` environment variable, then ``"auto"``. A request names the forward's and the
+backward's backend, the same way for every op:
+
+- ``"auto"``: each direction takes the first backend of the op's order for these inputs (fastest first:
+  the op's measured rule, else the device's :data:`PRIORITY`) that can run them; never raises.
+- ``"X"``: the forward runs on X (a ``RuntimeError`` listing every reason where X cannot); the backward
+  runs on X where X has a backward for these inputs, else as under ``auto``.
+- ``"X+Y"``: the forward on X and the backward on Y, both forced.
+
+What a backend can run is answered in one place, :func:`not_supported_reasons`, from the inputs: the
+device, the dtype, the build, and every input-dependent limit the op declares (index widths, grid sizes,
+geometries a kernel does not take). ``vlfast.last_backend(op)`` says which backend ran the forward of the
+last call of ``op``, ``last_backend(op, "backward")`` which one its backward was given.
 """
 
 import contextlib
@@ -21,28 +28,26 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
-# Fastest first, per device type. On CUDA the extension's kernel goes first: its launch costs less
-# host time than Triton's Python launcher, which dominates at diffusion-sized tensors (NOTES.md).
+DIRECTIONS = ("forward", "backward")
+# Fastest first, per device type, where an op declares no measured order of its own. On CUDA the
+# extension's kernel goes first: its launch costs less host time than Triton's Python launcher, which
+# dominates at diffusion-sized tensors (benchmarks/NOTES.md).
 PRIORITY = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
-# Per-op exceptions, from the H100 runs in benchmarks/NOTES.md: the Triton GroupNorm forward beat the
-# CUDA one at every measured shape replayed in a CUDA graph and at most of them per call; for the
-# backward the CUDA kernels won.
-OP_PRIORITY = {"group_norm": {"cuda": ("triton", "cuda", "reference")},
-               "group_norm_bwd": {"cuda": ("cuda", "triton", "reference")}}
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Which backends implement each op (every op has the reference), and the extension op behind cuda/cpp.
-OP_BACKENDS = {"ddpm_step": BACKENDS, "group_norm": BACKENDS, "group_norm_bwd": BACKENDS,
-               "conv_transpose2d": ("reference", "triton")}
-EXTENSION_OPS = {"ddpm_step": ("ddpm_step_kernel",), "group_norm": ("group_norm_fwd_kernel", "group_norm_bwd_kernel"),
-                 "group_norm_bwd": ("group_norm_bwd_kernel",)}
+
+# The op declarations (vlfast.ops._dispatch.Op), registered by name as their modules load.
+OPS: dict = {}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)
-_last: dict[str, str] = {}
+_last: dict[tuple[str, str], str] = {}
 
 
 def _check_name(name: str) -> str:
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    """A valid request: "auto", a backend, or "forward+backward"."""
+    parts = name.split("+") if isinstance(name, str) else [name]
+    if not (name == "auto" or (len(parts) <= 2 and all(p in BACKENDS for p in parts))):
+        raise ValueError(f"backend must be 'auto', one of {BACKENDS}, or 'forward+backward' (e.g. 'triton+cuda'), "
+                         f"got {name!r}")
     return name
 
 
@@ -56,6 +61,15 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+def requested() -> str:
+    """The backend asked for by context or environment ('auto' if none)."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get("VLFAST_BACKEND", "auto") or "auto")
+
+
+# ---------------------------------------------------------------- what a backend supports
 @functools.cache
 def extension():
     """The compiled extension ``vlfast._C``, or the reason it is missing (a str)."""
@@ -101,72 +115,110 @@ def _device_reasons(name: str, device_type: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def _op_reasons(name: str, op: str) -> tuple[str, ...]:
-    if name not in OP_BACKENDS.get(op, BACKENDS):
-        return (f"vlfast has no {name} kernel for {op} yet",)
+def _op_reasons(name: str, op: str, direction: str) -> tuple[str, ...]:
+    """What the op's declaration and this build say, whatever the inputs."""
+    decl = OPS[op]
+    if name not in decl.backends(direction):
+        return (f"vlfast has no {name} kernel for the {direction} of {op}",)
     if name in ("cuda", "cpp") and not isinstance(extension(), str):
-        missing = [k for k in EXTENSION_OPS[op] if not hasattr(torch.ops.vlfast, k)]
-        if missing:
-            return (f"this build of vlfast._C lacks {', '.join(missing)}: rebuild it "
+        key = "CUDA" if name == "cuda" else "CPU"
+        missing = [k for k in decl.extension_ops.get(direction, ())
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{k}", key)]
+        if missing and (name == "cpp" or getattr(extension(), "WITH_CUDA", False)):
+            how = ("left out of this build (VLFAST_SKIP_CUDA) or the build is stale" if name == "cuda"
+                   else "missing: the build is stale")
+            return (f"vlfast._C's {key} kernels for {', '.join(missing)} are {how}; rebuild it "
                     "(`pip install --no-build-isolation -e .`)",)
     return ()
 
 
-def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype | None = None,
-                          op: str | None = None) -> list[str]:
-    """Every reason ``name`` cannot run ``op`` on tensors of this device and dtype (empty: it can)."""
-    reasons = list(_device_reasons(name, device.type))
+def not_supported_reasons(name: str, op: str | None = None, inputs=None, direction: str = "forward", *,
+                          device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[str]:
+    """Every reason backend ``name`` cannot run ``direction`` of ``op`` on ``inputs`` (empty: it can).
+
+    ``inputs``: what the op's checks made of a call's arguments (``vlfast.ops.<op>.OP.check(...)``); it
+    carries the device and dtype. Without it, ``device`` (and ``dtype``) give the answer for any input on
+    that device: the device, the build and the op's declaration, but no input-dependent limit.
+    """
+    if inputs is not None:
+        device, dtype = inputs.device, inputs.dtype
+    reasons = list(_device_reasons(name, torch.device(device).type)) if device is not None else []
     if op is not None:
-        reasons += _op_reasons(name, op)
+        reasons += _op_reasons(name, op, direction)
     if name != "reference" and dtype is not None and dtype not in KERNEL_DTYPES:
         reasons.append(f"the {name} kernels take float32, float16 or bfloat16, got {dtype}")
+    if op is not None and inputs is not None and name in OPS[op].backends(direction):
+        reasons += OPS[op].limits(name, direction, inputs)
     return reasons
 
 
-def requested() -> str:
-    """The backend asked for by context or environment ('auto' if none)."""
-    forced = _forced.get()
-    if forced is not None:
-        return forced
-    return _check_name(os.environ.get("VLFAST_BACKEND", "auto") or "auto")
+# ---------------------------------------------------------------- the selection rule
+def _choose(op: str, direction: str, device: torch.device, dtype: torch.dtype, backend: str | None,
+            order: tuple[str, ...] | None, limits: tuple) -> str:
+    """The backend of one direction of one call (see the module docstring), recorded for last_backend.
 
-
-def select(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None, *,
-           kernels_pay: bool = True, prefer: tuple[str, ...] | None = None) -> str:
-    """Resolve the backend for one call of ``op`` and remember it for :func:`last_backend`.
-
-    For ``auto`` only (a forced backend always runs): ``kernels_pay=False`` says that for this input
-    the reference (PyTorch's own kernel, e.g. cuDNN) is faster than vlfast's, so it is picked;
-    ``prefer`` replaces the priority list where the caller measured another order for this input.
+    ``order``: the op's fastest-first order for these inputs (None: the device's); ``limits``:
+    ((backend, reasons), ...) from the op's input-dependent checks, worked out by the caller so that this
+    function sees plain values only (it runs once, at trace time, under torch.compile).
     """
-    name = _check_name(backend) if backend is not None else requested()
-    if name == "auto" and not kernels_pay:
+    request = _check_name(backend) if backend is not None else requested()
+    limit = dict(limits)
+    decl = OPS[op]
+
+    def reasons(name):
+        return (list(_device_reasons(name, device.type)) + list(_op_reasons(name, op, direction))
+                + ([f"the {name} kernels take float32, float16 or bfloat16, got {dtype}"]
+                   if name != "reference" and dtype not in KERNEL_DTYPES else [])
+                + list(limit.get(name, ())))
+
+    fwd, _, bwd = request.partition("+")
+    forced = fwd if direction == "forward" else bwd or fwd
+    if forced != "auto" and direction == "backward" and not bwd and reasons(forced):
+        forced = "auto"  # "X": the backward follows the forward where X has one for these inputs
+    if forced == "auto":
         name = "reference"
-    if name == "auto":
-        order = prefer or OP_PRIORITY.get(op, {}).get(device.type) or PRIORITY.get(device.type, ("reference",))
-        for cand in order:
-            if not not_supported_reasons(cand, device, dtype, op):
+        for cand in order or PRIORITY.get(device.type, ("reference",)):
+            if cand in decl.backends(direction) and not reasons(cand):
                 name = cand
                 break
-        else:
-            name = "reference"
     else:
-        reasons = not_supported_reasons(name, device, dtype, op)
-        if reasons:
-            raise RuntimeError(f"vlfast: backend {name!r} cannot run {op} here: " + "; ".join(reasons))
-    _last[op] = name
+        why = reasons(forced)
+        if why:
+            raise RuntimeError(f"vlfast: backend {forced!r} cannot run the {direction} of {op} here: "
+                               + "; ".join(why))
+        name = forced
+    _last[(op, direction)] = name
     return name
 
 
-def last_backend(op: str) -> str | None:
-    """The backend that ran the last call of ``op`` in this process (None before the first)."""
-    return _last.get(op)
+_choose_at_trace = torch.compiler.assume_constant_result(_choose)
 
 
-def available(device_type: str, op: str | None = None) -> dict[str, list[str]]:
+def select(op: str, direction: str, inputs, backend: str | None = None) -> str:
+    """The backend for ``direction`` of one call of ``op`` on ``inputs`` (what its checks made of the call's
+    arguments), by the rule of the module docstring; recorded for :func:`last_backend`. Under
+    ``torch.compile`` the choice is made once, while tracing, and baked into the graph."""
+    decl = OPS[op]
+    limits = tuple((name, tuple(decl.limits(name, direction, inputs))) for name in decl.backends(direction))
+    order = decl.order(direction, inputs)
+    choose = _choose_at_trace if torch.compiler.is_compiling() else _choose
+    return choose(op, direction, inputs.device, inputs.dtype, backend, order, limits)
+
+
+def last_backend(op: str, direction: str = "forward") -> str | None:
+    """The backend that ran ``direction`` of the last call of ``op`` in this process (None before the first)."""
+    return _last.get((op, direction))
+
+
+def report(choices: dict) -> None:
+    """Record {(op, direction): backend} for last_backend (a cached plan's choices)."""
+    _last.update(choices)
+
+
+def available(device_type: str, op: str | None = None, direction: str = "forward") -> dict[str, list[str]]:
     """{backend: reasons it is unavailable} for a device type ('cpu' or 'cuda'), for one op or in general."""
     dev = torch.device(device_type)
-    return {name: not_supported_reasons(name, dev, op=op) for name in BACKENDS}
+    return {name: not_supported_reasons(name, op, None, direction, device=dev) for name in BACKENDS}
 
 
 def device_guard(t: torch.Tensor):

@@ -5,9 +5,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .activations import NAMES as ACTIVATIONS
+from .activations import activate
 from .ops.conv_transpose import conv_transpose2d
 from .ops.group_norm import group_norm
-from .reference.group_norm import ACTIVATIONS, activate
 
 
 class GroupNorm(nn.GroupNorm):

@@ -1,4 +1,4 @@
-"""Tolerances and comparison helpers shared by the tests and the benchmarks."""
+"""Tolerances, comparison helpers and input factories shared by the tests and the benchmarks."""
 
 import torch
 
@@ -35,3 +35,16 @@ def assert_low_precision_close(actual, expected64, torch_lowp, *, atol=1e-3, nam
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
         raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst at {idx}: "
                              f"got {actual[idx].item()}, float64 {exp[idx].item()}, allowed {allowed[idx].item()}")
+
+
+# ---------------------------------------------------------------- input factories
+def ddpm_coef(rows: int = 12, seed: int = 0) -> torch.Tensor:
+    """A (rows, N_COEF) float32 table of random DDPM/DDIM step coefficients (vlfast.reference.ddpm's
+    layout) with valid noise scales and log-variance bounds."""
+    from vlfast.reference import ddpm as ref
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.rand(rows, ref.N_COEF, generator=g) * 2 - 1
+    coef[:, ref.SIGMA] = coef[:, ref.SIGMA].abs() + 0.1
+    coef[:, ref.LOG_MIN] = -3.0
+    coef[:, ref.LOG_MAX] = -1.0
+    return coef

@@ -70,6 +70,7 @@
 namespace vlfast {
 namespace gn_cpu {
 
+// The codes of vlfast/activations.py (a name's index in NAMES); tests/test_activations.py holds them equal.
 enum Activation : int { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2, ACT_GELU = 3 };
 
 constexpr int64_t kChunk = 4096;        // NCHW: spatial elements of one channel per unit

@@ -41,6 +41,7 @@ constexpr int64_t kMaxChunks = 1024;          // partial sums per (n, c)
 constexpr int kBlocksPerSm = 8;               // split kernels: blocks of kThreads to aim for per SM
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
+// The codes of vlfast/activations.py (a name's index in NAMES); tests/test_activations.py holds them equal.
 enum : int { ACT_NONE = 0, ACT_SILU = 1, ACT_RELU = 2, ACT_GELU = 3 };
 
 // V consecutive elements, one access of V * sizeof(T) bytes (16 for the vector width, or one element).

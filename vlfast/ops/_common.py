@@ -6,10 +6,10 @@ import functools
 import torch
 from torch import Tensor
 
-# The activation argument as the kernels take it (kernels/activation.py, csrc/): 0 none, 1 SiLU, 2 ReLU,
-# 3 GELU (erf).
-ACT_CODE = {None: 0, "silu": 1, "relu": 2, "gelu": 3}
-ACT_NAME = {v: k for k, v in ACT_CODE.items()}
+# The activation argument as the kernels take it: name -> code and code -> name, from the one table
+# (vlfast/activations.py: 0 none, 1 SiLU, 2 ReLU, 3 GELU (erf)).
+from ..activations import CODE as ACT_CODE
+from ..activations import NAME as ACT_NAME
 
 
 def memory_format(x: Tensor) -> torch.memory_format:

@@ -6,20 +6,22 @@ the backend as their last argument. The spec is :mod:`vlfast.reference.conv_tran
 kernels are in ``kernels/conv_transpose.py``, their launchers in ``conv_transpose_triton.py``.
 
 The backward applies the activation's gradient with aten, then runs ``aten.convolution_backward``
-(``transposed=True``), or, for a backend string "triton+triton" (``backend="triton"`` asked for by name,
-dilation 1), the Triton dgrad and wgrad GEMMs of ``conv_transpose_triton.conv_transpose2d_backward``.
+(``transposed=True``) on the backward backend "reference", or the Triton dgrad and wgrad GEMMs of
+``conv_transpose_triton.conv_transpose2d_backward`` on "triton" (dilation 1). :data:`OP` declares the op
+to the shared dispatch layer (``_dispatch.py``).
 """
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..reference import conv_transpose as ref
-from ._common import ACT_CODE, ACT_NAME, memory_format, plain_tensor
+from . import _dispatch, _overrides
+from ._common import ACT_CODE, ACT_NAME, memory_format
 
-OP = "conv_transpose2d"
 _aten = torch.ops.aten
 
 
@@ -65,7 +67,7 @@ def conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
                         padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
                         activation: int, backend: str) -> Tensor:
     """act(F.conv_transpose2d(...)) for a 4-D input; channels_last output for a channels_last input."""
-    return FWD[_directions(backend)[0]](input, weight, bias, stride, padding, output_padding, groups, dilation,
+    return FWD[OP.directions(backend)[0]](input, weight, bias, stride, padding, output_padding, groups, dilation,
                                         activation)
 
 
@@ -80,7 +82,7 @@ def conv_transpose2d_out_op(input: Tensor, weight: Tensor, bias: Optional[Tensor
                             padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
                             activation: int, backend: str, out: Tensor) -> None:
     """Writes act(F.conv_transpose2d(...)) into ``out`` (any strides). Not differentiable."""
-    INTO[_directions(backend)[0]](out, input, weight, bias, stride, padding, output_padding, groups, dilation,
+    INTO[OP.directions(backend)[0]](out, input, weight, bias, stride, padding, output_padding, groups, dilation,
                                   activation)
 
 
@@ -95,21 +97,21 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (stride, padding, output_padding, groups, dilation, activation, backend)
 
 
-def _backward(ctx, grad, forward=None):
-    """Gradients for (x, weight, bias): the activation's by aten, then aten.convolution_backward or the
-    Triton backward (see the module docstring).
-    ``forward`` recomputes the pre-activation output for silu/gelu (default: the custom op)."""
+def _backward(ctx, grad):
+    """Gradients for (x, weight, bias): the activation's by aten, then the backward backend's GEMMs (see the
+    module docstring). silu/gelu recompute the pre-activation output."""
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, output_padding, groups, dilation, activation, backend = ctx.args
+    fwd, bwd = OP.directions(backend)
     act = ACT_NAME[activation]
     if act == "relu":
         grad = _aten.threshold_backward(grad, y, 0)
-    elif act is not None:  # recompute the pre-activation output
-        z = (forward or conv_transpose2d_op)(x, weight, bias, stride, padding, output_padding, groups, dilation, 0,
-                                             backend)
+    elif act is not None:
+        args = (x, weight, bias, stride, padding, output_padding, groups, dilation, 0)
+        z = FWD[fwd](*args) if getattr(ctx, "eager", False) else conv_transpose2d_op(*args, fwd)
         grad = _aten.silu_backward(grad, z) if act == "silu" else _aten.gelu_backward(grad, z)
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-    if _directions(backend)[1] == "triton":
+    if bwd == "triton":
         from .conv_transpose_triton import conv_transpose2d_backward
         gx, gw = conv_transpose2d_backward(grad, x, weight, stride, padding, groups, (mask[0], mask[1]))
         gb = grad.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype) if mask[2] else None
@@ -119,42 +121,12 @@ def _backward(ctx, grad, forward=None):
     return gx, gw, gb if mask[2] else None, None, None, None, None, None, None, None
 
 
-def _directions(backend: str) -> tuple[str, str]:
-    """(forward, backward) of an op backend string: "triton" runs the forward on Triton and the backward
-    on PyTorch's gradient ops (cuDNN); "triton+triton" runs both on Triton."""
-    fwd, _, bwd = backend.partition("+")
-    return fwd, bwd or "reference"
+_Function = _dispatch.autograd(conv_transpose2d_op, _setup_context, _backward)
 
 
-conv_transpose2d_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _ConvTranspose2dFunction(torch.autograd.Function):
-    """The same forward and backward as the custom op, for eager training: it skips the custom op's
-    Python dispatch layers (``torch.library`` dispatch and autograd wrappers), host time that a
-    forward + backward at U-Net sizes pays on every call. ``torch.compile`` traces the custom op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, output_padding, groups, dilation, activation, backend):
-        y = FWD[_directions(backend)[0]](x, weight, bias, stride, padding, output_padding, groups, dilation,
-                                         activation)
-        _setup_context(ctx, (x, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                             backend), y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _backward(ctx, grad, forward=lambda *args: FWD[_directions(args[-1])[0]](*args[:-1]))
-
-
-# ---------------------------------------------------------------- the Python entry
+# ---------------------------------------------------------------- the declaration
 def _pair(v, name: str, low: int) -> list[int]:
     """int or a sequence of 1 or 2 ints -> [a, b], each >= low."""
-    if type(v) is int and v >= low:  # the common case, kept cheap
-        return [v, v]
-    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int and min(v) >= low:
-        return list(v)
     if isinstance(v, (list, tuple, torch.Size)) and len(v) in (1, 2):
         vals = list(v) * (2 // len(v))
     else:
@@ -176,21 +148,190 @@ def _check_tensor(name: str, t, x: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
 
 
-_select_at_trace = torch.compiler.assume_constant_result(backends.select)
+class Inputs(NamedTuple):
+    """A checked call: x and dst (``out``) batched; the geometry as lists; the activation's code."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    stride: list
+    padding: list
+    output_padding: list
+    groups: int
+    dilation: list
+    activation: int
+    dst: Optional[Tensor]
+    unbatched: bool
+    shape: list  # (N, Cout, OH, OW)
+    device: torch.device
+    dtype: torch.dtype
+
+    def conv_args(self) -> tuple:
+        """The custom ops' arguments from input to activation."""
+        return (self.x, self.weight, self.bias, self.stride, self.padding, self.output_padding, self.groups,
+                self.dilation, self.activation)
 
 
-def _kernels_pay(x: Tensor, weight: Tensor, stride, padding, dilation, out: Optional[Tensor]) -> bool:
-    """Whether the Triton kernels beat cuDNN on this input, so that ``auto`` picks them.
+class ConvTranspose2d(_dispatch.Op):
+    name = "conv_transpose2d"
+    forward_backends = ("reference", "triton")
+    backward_backends = ("reference", "triton")
 
-    Measured on an H100 (benchmarks/NOTES.md, 2026-11-26): the k = s GEMM kernel in 16-bit with a
-    channels_last input or an ``out`` buffer ran 1.4-1.95x cuDNN; the phase kernel, fp32 (TF32 or not)
-    and NCHW inputs ran at 0.3-1.3x, so those stay with cuDNN.
-    """
-    gemm = tuple(weight.shape[2:]) == tuple(stride) and not any(padding) and all(d == 1 for d in dilation)
-    channels_last = memory_format(x) == torch.channels_last
-    return gemm and x.dtype in (torch.float16, torch.bfloat16) and (channels_last or out is not None)
+    def check(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
+              out) -> Inputs:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+        if input.dim() not in (3, 4):
+            raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
+        _check_tensor("weight", weight, input)
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be 4-D (in_channels, out_channels/groups, kH, kW), got shape "
+                             f"{tuple(weight.shape)}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        cin = input.shape[-3]
+        if weight.shape[0] != cin:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} expects in_channels={weight.shape[0]}, but "
+                             f"input has {cin} channels")
+        if cin % groups:
+            raise ValueError(f"in_channels={cin} must be divisible by groups={groups}")
+        cout = weight.shape[1] * groups
+        if bias is not None:
+            _check_tensor("bias", bias, input)
+            if tuple(bias.shape) != (cout,):
+                raise ValueError(f"bias must have shape ({cout},) (out_channels), got {tuple(bias.shape)}")
+        stride = _pair(stride, "stride", 1)
+        padding = _pair(padding, "padding", 0)
+        dilation = _pair(dilation, "dilation", 1)
+        output_padding = _pair(output_padding, "output_padding", 0)
+        if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
+            raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
+                             f"{output_padding}, stride={stride}, dilation={dilation}")
+        if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
+            raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        shape = output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation)
+        if min(shape[2:]) <= 0:
+            raise ValueError(f"the output size {tuple(shape[2:])} is too small for input size "
+                             f"{tuple(x.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}, "
+                             f"kernel {tuple(weight.shape[2:])}")
+        dst = None
+        if out is not None:
+            _check_tensor("out", out, input)
+            want = shape[1:] if unbatched else shape
+            if list(out.shape) != want:
+                raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(want)}")
+            dst = out.unsqueeze(0) if unbatched else out
+        return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation], dst,
+                      unbatched, shape, x.device, x.dtype)
+
+    def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
+        """The Triton kernels index one sample (and the weight) with int32 and the batch's rows (output cells
+        or pixels; input pixels in dgrad) with int32, and put the groups on a grid axis of at most 65535."""
+        if backend != "triton":
+            return []
+        i, reasons = inputs, []
+        n, cin, h, w = i.x.shape
+        per_sample = max(cin * h * w, math.prod(i.shape[1:]), i.weight.numel())
+        if per_sample >= 2**31:
+            reasons.append(f"one sample (or the weight) has {per_sample} elements; the Triton kernels index it "
+                           "with int32")
+        rows = n * max(h * w, i.shape[2] * i.shape[3])
+        if rows >= 2**31:
+            reasons.append(f"the batch has {rows} rows of pixels; the Triton kernels index them with int32 "
+                           "(split the batch)")
+        if i.groups > 65535:
+            reasons.append(f"groups={i.groups}: the Triton kernels take at most 65535 (a grid axis)")
+        if direction == "forward" and _overrides.get("conv_transpose_kernel") == "subpixel" and i.dilation != [1, 1]:
+            reasons.append(f"the sub-pixel kernel takes dilation 1, got {i.dilation}")
+        if direction == "backward" and i.dilation != [1, 1]:
+            reasons.append(f"the Triton backward takes dilation 1, got {i.dilation}")
+        return reasons
+
+    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+        """On CUDA, Triton only where :func:`_triton_pays`; the Triton backward is not yet measured against
+        cuDNN's, so the reference (aten's convolution_backward) stays first."""
+        if inputs.device.type != "cuda":
+            return None
+        return ("triton", "reference") if direction == "forward" and _triton_pays(inputs) else ("reference",)
+
+    def plan(self, inputs: Inputs, choice: _dispatch.Choice, grad: bool):
+        unbatched, backend = inputs.unbatched, choice.op_arg()
+        geometry = inputs.conv_args()[3:]
+        if grad:
+            forward = _planned_forward(choice.forward, inputs)
+
+            def run_grad(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
+                x = input.unsqueeze(0) if unbatched else input
+                y = _Function.apply(x, weight, bias, *geometry, backend, forward)
+                y = y.squeeze(0) if unbatched else y
+                return y if out is None else out.copy_(y)  # differentiable: a copy autograd tracks
+            return run_grad
+        into = _planned_into(choice.forward, inputs)
+        shape, fmt = inputs.shape, memory_format(inputs.x)
+
+        def run(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
+            x = input.unsqueeze(0) if unbatched else input
+            if out is not None:
+                into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
+                return out
+            y = into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt), x, weight, bias)
+            return y.squeeze(0) if unbatched else y
+        return run
+
+    def trace(self, inputs: Inputs, choice: _dispatch.Choice):
+        args, backend = inputs.conv_args(), choice.op_arg()
+        grad = _dispatch.grad_recorded((inputs.x, inputs.weight, inputs.bias))
+        if inputs.dst is not None and not grad:
+            conv_transpose2d_out_op(*args, backend, inputs.dst)
+            return inputs.dst.squeeze(0) if inputs.unbatched else inputs.dst
+        y = conv_transpose2d_op(*args, backend)
+        if inputs.dst is not None:
+            inputs.dst.copy_(y)
+            return inputs.dst.squeeze(0) if inputs.unbatched else inputs.dst
+        return y.squeeze(0) if inputs.unbatched else y
 
 
+OP = ConvTranspose2d()
+
+
+def _triton_pays(i: Inputs) -> bool:
+    """Whether the Triton forward beat cuDNN on inputs like these (H100, benchmarks/NOTES.md, 2026-11-26):
+    the k = s GEMM kernel in 16-bit with a channels_last input or an ``out`` buffer ran 1.4-1.95x cuDNN;
+    the phase kernel, fp32 (TF32 or not) and NCHW inputs ran at 0.3-1.3x."""
+    gemm = list(i.weight.shape[2:]) == i.stride and not any(i.padding) and i.dilation == [1, 1]
+    channels_last = memory_format(i.x) == torch.channels_last
+    return gemm and i.dtype in (torch.float16, torch.bfloat16) and (channels_last or i.dst is not None)
+
+
+def _planned_into(name: str, inputs: Inputs):
+    """into(dst, x, weight, bias) -> dst on backend ``name`` for tensors like these (batched); for Triton the
+    launch is planned here once (``plan_into``: it reads the output's strides only, from a meta tensor where
+    no ``out`` is given)."""
+    geometry = inputs.conv_args()[3:]
+    if name == "triton":
+        from .conv_transpose_triton import plan_into
+        i = inputs
+        target = i.dst if i.dst is not None else torch.empty(i.shape, dtype=i.dtype, device="meta",
+                                                             memory_format=memory_format(i.x))
+        return plan_into(target, i.x, i.weight, i.bias, *geometry)
+    if name == "reference":
+        return lambda dst, x, weight, bias: _into_reference(dst, x, weight, bias, *geometry)
+    raise AssertionError(name)
+
+
+def _planned_forward(name: str, inputs: Inputs):
+    """forward(*conv_transpose2d_op's arguments) -> y, on backend ``name`` (the eager training path)."""
+    if name == "reference":
+        return lambda x, weight, bias, *rest: _fwd_reference(x, weight, bias, *rest[:-1])
+    into, shape, fmt = _planned_into(name, inputs), inputs.shape, memory_format(inputs.x)
+    return lambda x, weight, bias, *rest: into(torch.empty(shape, dtype=x.dtype, device=x.device,
+                                                           memory_format=fmt), x, weight, bias)
+
+
+# ---------------------------------------------------------------- the Python entry
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
                      output_padding=0, groups: int = 1, dilation=1, *, activation: Optional[str] = None,
                      out: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
@@ -209,144 +350,5 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y = F.silu(y)        # activation="silu"
         out.copy_(y)         # out= given
     """
-    if plain_tensor(input) and not torch.compiler.is_compiling():
-        # Inference in eager at a geometry seen before: skip the checks and the planning (they passed for
-        # the same metadata), most of the host time of a call.
-        try:
-            key = _geometry(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out,
-                            backend)
-            hit = None if key is None else _PLANS.get(key)
-        except TypeError:  # an unhashable argument: the checked path says what is wrong with it
-            hit = None
-        if hit is not None and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (
-                bias is not None and bias.requires_grad))):
-            backends._last[OP] = hit[0]
-            return hit[1](input, weight, bias, out)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-    if input.dim() not in (3, 4):
-        raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
-    _check_tensor("weight", weight, input)
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D (in_channels, out_channels/groups, kH, kW), got shape "
-                         f"{tuple(weight.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    cin = input.shape[-3]
-    if weight.shape[0] != cin:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} expects in_channels={weight.shape[0]}, but input "
-                         f"has {cin} channels")
-    if cin % groups:
-        raise ValueError(f"in_channels={cin} must be divisible by groups={groups}")
-    cout = weight.shape[1] * groups
-    if bias is not None:
-        _check_tensor("bias", bias, input)
-        if tuple(bias.shape) != (cout,):
-            raise ValueError(f"bias must have shape ({cout},) (out_channels), got {tuple(bias.shape)}")
-    stride_arg, padding_arg, output_padding_arg, dilation_arg = stride, padding, output_padding, dilation
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
-    output_padding = _pair(output_padding, "output_padding", 0)
-    if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
-        raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
-                         f"{output_padding}, stride={stride}, dilation={dilation}")
-    if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
-        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
-    shape = output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation)
-    if min(shape[2:]) <= 0:
-        raise ValueError(f"the output size {tuple(shape[2:])} is too small for input size {tuple(x.shape[2:])}, "
-                         f"stride {stride}, padding {padding}, dilation {dilation}, kernel {tuple(weight.shape[2:])}")
-    dst = None
-    if out is not None:
-        _check_tensor("out", out, input)
-        want = shape[1:] if unbatched else shape
-        if list(out.shape) != want:
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(want)}")
-        dst = out.unsqueeze(0) if unbatched else out
-
-    compiling = torch.compiler.is_compiling()
-    name = (_select_at_trace if compiling else backends.select)(
-        OP, x.device, x.dtype, backend, kernels_pay=_kernels_pay(x, weight, stride, padding, dilation, dst))
-    args = (x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation])
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    asked = backend if compiling else backend or backends.requested()
-    if needs_grad and name == "triton" and dilation == [1, 1] and asked == "triton":
-        # Triton asked for by name: the backward on its kernels too. Under auto the backward stays with
-        # PyTorch's gradient ops until the Triton ones are measured faster (benchmarks/NOTES.md).
-        name = "triton+triton"
-    if dst is not None:
-        if needs_grad:  # differentiable: the functional op, then a copy autograd tracks
-            dst.copy_(conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name))
-            return out
-        if compiling:
-            conv_transpose2d_out_op(*args, name, dst)
-            return out
-    elif compiling or needs_grad:
-        # Traced, or eager training (the same forward and backward without the dispatcher's Python layers).
-        y = conv_transpose2d_op(*args, name) if compiling else _ConvTranspose2dFunction.apply(*args, name)
-        return y.squeeze(0) if unbatched else y
-    # Eager inference: plan, remember the plan for this geometry, run it.
-    run = _plan(name, x, weight, bias, args[3:], dst, unbatched, shape)
-    try:
-        key = _geometry(input, weight, bias, stride_arg, padding_arg, output_padding_arg, groups, dilation_arg,
-                        activation, out, backend)
-    except TypeError:
-        key = None
-    if key is not None:
-        if len(_PLANS) >= 256:
-            _PLANS.clear()
-        _PLANS[key] = (name, run)
-    return run(input, weight, bias, out)
-
-
-# (name, run) per call geometry of eager inference: see _geometry and _plan.
-_PLANS: dict = {}
-
-
-def _meta(t) -> tuple:
-    return t.shape, t.stride(), t.dtype, t.device
-
-
-def _geometry(x, weight, bias, stride, padding, output_padding, groups, dilation, activation, out, backend):
-    """Everything the op's checks, its backend choice and its launch plan depend on, as a dict key (None
-    where a tensor argument is not a plain tensor: such calls take the checked path)."""
-    if not plain_tensor(weight) or not (bias is None or plain_tensor(bias)) or not (out is None or plain_tensor(out)):
-        return None
-    return (_meta(x), _meta(weight), bias if bias is None else _meta(bias), out if out is None else _meta(out),
-            stride, padding, output_padding, type(groups), groups, dilation, activation, backend,
-            backends.requested(), id(backends.PRIORITY.get(x.device.type)))
-
-
-def _plan(name, x, weight, bias, geometry, dst, unbatched, shape):
-    """run(input, weight, bias, out) -> the op's result, for tensors like these, on backend ``name``
-    (input and out as the caller passes them: unbatched ones get their batch dimension here)."""
-    stride, padding, output_padding, groups, dilation, activation = geometry
-    fmt = memory_format(x)
-    if name == "triton":
-        from .conv_transpose_triton import plan_into
-        # The plan needs the output's strides only: a meta tensor, nothing allocated.
-        target = dst if dst is not None else torch.empty(shape, dtype=x.dtype, device="meta", memory_format=fmt)
-        launch = plan_into(target, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
-
-        def into(dst, x, weight, bias):
-            return launch(dst, x, weight, bias)
-    else:
-        def into(dst, x, weight, bias):
-            return INTO[name](dst, x, weight, bias, *geometry)
-
-    def run(input, weight, bias, out):
-        x = input.unsqueeze(0) if unbatched else input
-        if out is not None:
-            into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
-            return out
-        if name != "triton":
-            y = FWD[name](x, weight, bias, *geometry)
-        else:
-            y = into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt), x, weight, bias)
-        return y.squeeze(0) if unbatched else y
-    return run
+    return OP(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out,
+              backend=backend)

@@ -2,23 +2,28 @@
 
 ``torch.ops.vlfast.ddpm_step`` takes the backend as its last argument; the
 Python entry :func:`fused_step` checks the inputs, settles the layout, draws a
-seed from the generator and picks the backend. The coefficient rows come from
+seed from the generator and picks the backend; :data:`OP` declares the op to the
+shared dispatch layer (``_dispatch.py``). The coefficient rows come from
 :mod:`vlfast.schedulers`; the formula is in :mod:`vlfast.reference.ddpm`.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..reference import ddpm as ref
+from . import _dispatch
+from ._common import cdiv
 
-OP = "ddpm_step"
 _INF = float("inf")
 
 
 # ---------------------------------------------------------------- Triton launcher
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (the blocks of one sample)
+
+
 def _block_for(per_sample: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 16 elements a thread on large samples, fewer programs idle on small ones."""
     if per_sample >= 1 << 16:
@@ -41,9 +46,9 @@ def _ddpm_step_triton(sample, model_output, variance, noise, coef, timesteps, ti
     if batch == 0 or per_sample == 0:
         return out, x0, z_out
     block, warps = _block_for(per_sample)
-    grid = (batch, triton_cdiv(per_sample, block))
-    if grid[1] > 65535:
-        raise ValueError(f"sample has {per_sample} elements per sample; at most {65535 * block} are supported")
+    grid = (batch, cdiv(per_sample, block))
+    if grid[1] > MAX_GRID_Y:  # OP.limits keeps such inputs away: only a direct call gets here
+        raise ValueError(f"sample has {per_sample} elements per sample; at most {MAX_GRID_Y * block} are supported")
     # Absent operands are replaced by any valid pointer: the constexpr flags keep them unread.
     m = model_output if model_output is not None else sample
     v = variance if variance is not None else sample
@@ -62,10 +67,6 @@ def _ddpm_step_triton(sample, model_output, variance, noise, coef, timesteps, ti
             BLOCK=block, num_warps=warps,
         )
     return out, x0, z_out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------- the custom op
@@ -95,20 +96,7 @@ def _(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, 
             torch.empty_like(sample) if (write_noise and has_noise) else sample.new_empty((0,)))
 
 
-# ---------------------------------------------------------------- the Python entry
-# Under torch.compile the backend is chosen once, while tracing, and baked into the graph.
-_select_at_trace = torch.compiler.assume_constant_result(backends.select)
-
-
-def _prefer(sample: Tensor) -> Optional[tuple[str, ...]]:
-    """The order ``auto`` tries backends in, where it is not the default one. H100 (benchmarks/NOTES.md,
-    2026-11-26): on 16-bit tensors of millions of elements the Triton kernel took 75 µs against the
-    CUDA kernel's 120 µs; below that, the CUDA kernel's cheaper launch wins."""
-    if sample.is_cuda and sample.dtype in (torch.float16, torch.bfloat16) and sample.numel() >= 1 << 20:
-        return ("triton", "cuda", "reference")
-    return None
-
-
+# ---------------------------------------------------------------- checks and per-call arguments
 def _dense(t: Tensor) -> bool:
     """Batch-major and dense: element r of sample n at offset n * per_sample + r."""
     if t.is_contiguous():
@@ -194,6 +182,82 @@ def seed_and_offset(generator, device: torch.device, rng_state):
     return int(torch.randint(0, 2**62, (), generator=generator)), 0
 
 
+class Inputs(NamedTuple):
+    """A checked call: the sample as the kernels take it (dense: a strided one is copied), the entry's arguments."""
+    sample: Tensor
+    copy: bool
+    args: tuple  # fused_step's arguments, in order
+    device: torch.device
+    dtype: torch.dtype
+
+
+class DdpmStep(_dispatch.Op):
+    name = "ddpm_step"
+    forward_backends = backends.BACKENDS
+    extension_ops = {"forward": ("ddpm_step_kernel",)}
+    values_only = frozenset({3, 7, 10, 11, 12})  # timestep, clip, generator, seed, offset: checked per call
+
+    def check(self, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise,
+              generator, seed, offset, rng_state, write_x0, write_noise) -> Inputs:
+        check_sample(sample)
+        dense = sample if _dense(sample) else sample.contiguous()
+        for name, t in (("model_output", model_output), ("variance", variance), ("noise", noise)):
+            _like(name, t, dense)
+        if var_mode != ref.VAR_FIXED and variance is None:
+            raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
+        args = (sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,
+                seed, offset, rng_state, write_x0, write_noise)
+        return Inputs(dense, dense is not sample, args, dense.device, dense.dtype)
+
+    def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
+        """The Triton launch puts one sample's blocks on the grid's second axis (at most MAX_GRID_Y)."""
+        s = inputs.sample
+        per_sample = s.numel() // s.shape[0] if s.shape[0] else 0
+        if backend == "triton" and cdiv(per_sample, _block_for(per_sample)[0]) > MAX_GRID_Y:
+            return [f"one sample has {per_sample} elements; the Triton launch takes at most "
+                    f"{MAX_GRID_Y * _block_for(per_sample)[0]} (its grid's second axis)"]
+        return []
+
+    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+        """H100 (benchmarks/NOTES.md, 2026-11-26): on 16-bit tensors of millions of elements the Triton kernel
+        took 75 µs against the CUDA kernel's 120 µs; below that, the CUDA kernel's cheaper launch wins."""
+        s = inputs.sample
+        if s.is_cuda and s.dtype in (torch.float16, torch.bfloat16) and s.numel() >= 1 << 20:
+            return ("triton", "cuda", "reference")
+        return None
+
+    def plan(self, inputs: Inputs, choice: _dispatch.Choice, grad: bool):
+        impl, copy = _IMPLS[choice.forward], inputs.copy
+        return lambda *args: _step(impl, copy, *args)
+
+    def trace(self, inputs: Inputs, choice: _dispatch.Choice):
+        return _step(lambda *args: ddpm_step(*args, choice.forward), inputs.copy, *inputs.args)
+
+
+OP = DdpmStep()
+
+
+def _step(impl, copy: bool, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode,
+          draw_noise, generator, seed, offset, rng_state, write_x0, write_noise):
+    """One call's per-call work (layouts, the timestep, the seed), then ``impl(*ddpm_step's arguments)``."""
+    if copy:
+        sample = sample.contiguous()
+    model_output = _like("model_output", model_output, sample)
+    variance = _like("variance", variance, sample)
+    noise = _like("noise", noise, sample)
+    timesteps, t_int = timestep_args(timestep, sample.shape[0], coef.shape[0], sample.device)
+    if coef.device != sample.device:
+        coef = coef.to(sample.device)
+    draw = draw_noise and noise is None
+    if draw and seed is None:
+        seed, offset = seed_and_offset(generator, sample.device, rng_state)
+    prev, x0, z = impl(sample, model_output, variance, noise, coef, timesteps, t_int, thresh,
+                       _INF if clip is None else float(clip), var_mode, draw, seed or 0, offset,
+                       rng_state if draw else None, write_x0, write_noise)
+    return prev, (x0 if write_x0 else None), (z if write_noise and (draw or noise is not None) else None)
+
+
+# ---------------------------------------------------------------- the Python entry
 def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, timestep, *,
                variance: Optional[Tensor] = None, noise: Optional[Tensor] = None, thresh: Optional[Tensor] = None,
                clip: Optional[float] = None, var_mode: int = ref.VAR_FIXED, draw_noise: bool = False,
@@ -210,28 +274,5 @@ def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, tim
     ``offset``, plus ``rng_state[0]`` when given (advanced by one per call on the
     device). Equivalent PyTorch: ``vlfast.reference.ddpm.fused_step``.
     """
-    check_sample(sample)
-    if not _dense(sample):
-        sample = sample.contiguous()
-    model_output = _like("model_output", model_output, sample)
-    variance = _like("variance", variance, sample)
-    noise = _like("noise", noise, sample)
-    if var_mode != ref.VAR_FIXED and variance is None:
-        raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
-    batch = sample.shape[0]
-    timesteps, t_int = timestep_args(timestep, batch, coef.shape[0], sample.device)
-    if coef.device != sample.device:
-        coef = coef.to(sample.device)
-    draw = draw_noise and noise is None
-    if draw and seed is None:
-        seed, offset = seed_and_offset(generator, sample.device, rng_state)
-    compiling = torch.compiler.is_compiling()
-    name = (_select_at_trace if compiling else backends.select)(OP, sample.device, sample.dtype, backend,
-                                                                prefer=_prefer(sample))
-    # Eager calls skip the dispatcher's Python layers (~100 us a call); torch.compile sees the custom op.
-    run = ddpm_step if compiling else _IMPLS[name]
-    args = (sample, model_output, variance, noise, coef, timesteps, t_int, thresh,
-            _INF if clip is None else float(clip), var_mode, draw, seed or 0, offset,
-            rng_state if draw else None, write_x0, write_noise)
-    prev, x0, z = run(*args, name) if run is ddpm_step else run(*args)
-    return prev, (x0 if write_x0 else None), (z if write_noise and (draw or noise is not None) else None)
+    return OP(sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,
+              seed, offset, rng_state, write_x0, write_noise, backend=backend)

@@ -2,24 +2,23 @@
 
 ``torch.ops.vlfast.group_norm_fwd`` returns ``(out, mean, rstd)``; its autograd formula calls
 ``torch.ops.vlfast.group_norm_bwd``. Both take the backend as their last argument: one name, or
-"forward+backward" (e.g. "triton+cuda") where ``auto`` picked each direction apart. The formula is
-in :mod:`vlfast.reference.group_norm`; the Triton kernels in ``kernels/group_norm.py``, the CUDA
-kernels in ``csrc/cuda/group_norm_kernels.cuh``, the CPU forward in ``csrc/cpu/group_norm.h``.
-Eager calls that need gradients go through ``_GroupNormFunction`` (same kernels, fewer Python layers).
+"forward+backward" (e.g. "triton+cuda"). The formula is in :mod:`vlfast.reference.group_norm`; the
+Triton kernels in ``kernels/group_norm.py`` (launchers: ``group_norm_triton.py``), the CUDA kernels in
+``csrc/cuda/group_norm_kernels.cuh``, the CPU forward in ``csrc/cpu/group_norm.h``. :data:`OP` declares
+the op to the shared dispatch layer (``_dispatch.py``); eager training runs the same forward and backward
+through :data:`_Function` (fewer Python layers than the custom op).
 """
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..reference import group_norm as ref
-from ._common import ACT_CODE, ACT_NAME, memory_format, plain_tensor
-
-OP = "group_norm"
-_GRAD_NAMES = ("input", "weight", "bias", "add", "scale", "shift")
+from . import _dispatch
+from ._common import ACT_CODE, ACT_NAME, memory_format
 
 
 # ---------------------------------------------------------------- backends
@@ -70,14 +69,9 @@ def _bwd_cuda(dy, x, num_groups, weight, bias, eps, add, scale, shift, activatio
 
 
 FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cuda": _fwd_extension, "cpp": _fwd_extension}
-# The CPU backward is the reference's (allowed by the design: the CPU forward is for inference).
-BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cuda": _bwd_cuda, "cpp": _bwd_reference}
+# No cpp backward: on the CPU the reference's runs (the CPU forward is for inference).
+BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cuda": _bwd_cuda}
 
-
-def _pair(backend: str) -> tuple[str, str]:
-    """(forward, backward) backends of a backend argument: "triton" or, chosen by auto, "triton+cuda"."""
-    fwd, _, bwd = backend.partition("+")
-    return fwd, bwd or fwd
 
 
 # ---------------------------------------------------------------- custom ops
@@ -86,7 +80,8 @@ def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bia
                    add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], activation: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Fused forward; returns (out like input, mean (N, G) fp32, rstd (N, G) fp32)."""
-    out, mean, rstd = FWD[_pair(backend)[0]](input, num_groups, weight, bias, eps, add, scale, shift, activation)
+    out, mean, rstd = FWD[OP.directions(backend)[0]](input, num_groups, weight, bias, eps, add, scale, shift,
+                                                     activation)
     return out, mean.float(), rstd.float()
 
 
@@ -101,9 +96,10 @@ def group_norm_bwd(grad_out: Tensor, input: Tensor, num_groups: int, weight: Opt
                    bias: Optional[Tensor], eps: float, add: Optional[Tensor], scale: Optional[Tensor],
                    shift: Optional[Tensor], activation: int, mean: Tensor, rstd: Tensor, needs: list[bool],
                    backend: str) -> list[Tensor]:
-    """Gradients for (input, weight, bias, add, scale, shift); an empty (0,) tensor where not needed."""
-    grads = BWD[backend](grad_out, input, num_groups, weight, bias, eps, add, scale, shift, activation, mean,
-                         rstd, needs)
+    """Gradients for (input, weight, bias, add, scale, shift) on the backward backend of ``backend``; an
+    empty (0,) tensor where not needed."""
+    grads = BWD[OP.directions(backend)[1]](grad_out, input, num_groups, weight, bias, eps, add, scale, shift,
+                                           activation, mean, rstd, needs)
     return [g if g is not None else input.new_empty((0,)) for g in grads]
 
 
@@ -121,46 +117,43 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (num_groups, eps, activation, backend)
 
 
-def _input_grads(ctx, grad_out, bwd):
-    """The gradients of group_norm_fwd's ten inputs, by ``bwd`` (group_norm_bwd's signature)."""
+def _backward(ctx, grad_out, grad_mean, grad_rstd):
+    """The gradients of group_norm_fwd's ten inputs (mean and rstd carry none)."""
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
     num_groups, eps, activation, backend = ctx.args
-    if grad_out is None:  # only mean or rstd was used: they carry no gradient
+    if grad_out is None:  # only mean or rstd was used
         grad_out = torch.zeros_like(x)
     needs = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
-    grads = bwd(grad_out.contiguous(memory_format=memory_format(x)), x, num_groups, weight, bias, eps, add, scale,
-                shift, activation, mean, rstd, needs, _pair(backend)[1])
+    args = (grad_out.contiguous(memory_format=memory_format(x)), x, num_groups, weight, bias, eps, add, scale, shift,
+            activation, mean, rstd, needs)
+    if getattr(ctx, "eager", False):
+        grads = BWD[OP.directions(backend)[1]](*args)
+    else:
+        grads = group_norm_bwd(*args, backend)
     g = [t if need else None for t, need in zip(grads, needs)]
     return g[0], None, g[1], g[2], None, g[3], g[4], g[5], None, None
 
 
-def _backward(ctx, grad_out, grad_mean, grad_rstd):
-    return _input_grads(ctx, grad_out, group_norm_bwd)
+_Function = _dispatch.autograd(group_norm_fwd, _setup_context, _backward)
 
 
-group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+# ---------------------------------------------------------------- the declaration
+class Inputs(NamedTuple):
+    """A checked call: x as the kernels take it (dense: a strided input is copied), the activation's code."""
+    x: Tensor
+    num_groups: int
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    add: Optional[Tensor]
+    scale: Optional[Tensor]
+    shift: Optional[Tensor]
+    eps: float
+    activation: int
+    copy: bool  # x is a contiguous copy of the entry's input
+    device: torch.device
+    dtype: torch.dtype
 
 
-class _GroupNormFunction(torch.autograd.Function):
-    """The same forward and backward as the custom op, for eager training: it skips the custom op's
-    Python dispatch layers, which cost more host time than the kernels take at U-Net sizes
-    (H100, 2026-11-26: about 1 ms per forward + backward through the custom op)."""
-
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, add, scale, shift, activation, backend, forward):
-        """``forward(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd)``: the op's planned forward."""
-        out, mean, rstd = forward(x, weight, bias, eps, add, scale, shift)
-        _setup_context(ctx, (x, num_groups, weight, bias, eps, add, scale, shift, activation, backend),
-                       (out, mean, rstd))
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        return _input_grads(ctx, grad_out, lambda *args: BWD[args[-1]](*args[:-1])) + (None,)
-
-
-# ---------------------------------------------------------------- the Python entry
 def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
     if t is None:
         return
@@ -174,20 +167,100 @@ def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
 
 
-_select_at_trace = torch.compiler.assume_constant_result(backends.select)
+class GroupNorm(_dispatch.Op):
+    name = "group_norm"
+    forward_backends = ("reference", "triton", "cuda", "cpp")
+    backward_backends = ("reference", "triton", "cuda")
+    extension_ops = {"forward": ("group_norm_fwd_kernel",), "backward": ("group_norm_bwd_kernel",)}
+    values_only = frozenset({4})  # eps
 
+    def check(self, input, num_groups, weight, bias, eps, add, scale, shift, activation) -> Inputs:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+        if input.dim() < 2:
+            raise ValueError(f"input must have shape (N, C, *), got {tuple(input.shape)}")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        n, c = input.shape[:2]
+        if c % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
+        if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
+            raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
+        for name, t in (("weight", weight), ("bias", bias)):
+            _check_param(name, t, (c,), input)
+        for name, t in (("add", add), ("scale", scale), ("shift", shift)):
+            _check_param(name, t, (n, c), input)
+        x = input
+        if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
+            x = input.contiguous()
+        return Inputs(x, num_groups, weight, bias, add, scale, shift, float(eps), ACT_CODE[activation],
+                      x is not input, x.device, x.dtype)
 
-def _prefer(x: Tensor, num_groups: int) -> Optional[tuple[str, ...]]:
-    """The forward's order under ``auto`` where it is not the per-op default. H100 (benchmarks/NOTES.md,
-    2026-11-26): where the Triton forward takes its split path (three launches: 8x512x32², 4x128x256²)
-    the CUDA forward was faster per call at five of those six bf16 rows (1.1-4.0x)."""
-    if x.is_cuda and x.numel():
-        from .group_norm_triton import takes_split_path
-        if takes_split_path(x, num_groups):
+    def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
+        per_sample = math.prod(inputs.x.shape[1:])
+        if backend == "triton" and per_sample >= 2**31:
+            return [f"one sample has {per_sample} elements; the Triton kernels index a sample with int32"]
+        return []
+
+    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+        """H100 (benchmarks/NOTES.md, 2026-11-26): the Triton forward beat the CUDA one at every measured
+        shape replayed in a CUDA graph and at most of them per call, except where it takes its split path
+        (three launches: 8x512x32², 4x128x256²), where the CUDA forward was faster at five of six bf16 rows
+        (1.1-4.0x); the CUDA backward won everywhere."""
+        if inputs.device.type != "cuda":
+            return None
+        if direction == "backward":
             return ("cuda", "triton", "reference")
-    return None
+        from .group_norm_triton import takes_split_path
+        if inputs.x.numel() and takes_split_path(inputs.x, inputs.num_groups):
+            return ("cuda", "triton", "reference")
+        return ("triton", "cuda", "reference")
+
+    def plan(self, inputs: Inputs, choice: _dispatch.Choice, grad: bool):
+        forward = _planned_forward(choice.forward, inputs)
+        copy, groups, act, backend = inputs.copy, inputs.num_groups, inputs.activation, choice.op_arg()
+        if grad:
+            def run(input, num_groups, weight, bias, eps, add, scale, shift, activation):
+                x = input.contiguous() if copy else input
+                return _Function.apply(x, groups, weight, bias, float(eps), add, scale, shift, act, backend,
+                                       forward)[0]
+        else:
+            def run(input, num_groups, weight, bias, eps, add, scale, shift, activation):
+                x = input.contiguous() if copy else input
+                return forward(x, groups, weight, bias, float(eps), add, scale, shift, act, backend)[0]
+        return run
+
+    def trace(self, inputs: Inputs, choice: _dispatch.Choice):
+        i = inputs
+        return group_norm_fwd(i.x, i.num_groups, i.weight, i.bias, i.eps, i.add, i.scale, i.shift, i.activation,
+                              choice.op_arg())[0]
 
 
+OP = GroupNorm()
+
+
+def _planned_forward(name: str, inputs: Inputs):
+    """forward(*group_norm_fwd's arguments) -> (out, mean, rstd) on backend ``name``, for tensors like these:
+    for Triton, what the launcher works out from the metadata is done here once (``plan_fwd``)."""
+    if name == "triton":
+        from .group_norm_triton import plan_fwd
+        i = inputs
+        with backends.device_guard(i.x):
+            launch = plan_fwd(i.x, i.num_groups, i.weight, i.bias, i.add, i.scale, i.shift, ACT_NAME[i.activation])
+
+        def forward_triton(x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
+            with backends.device_guard(x):
+                return launch(x, weight, bias, eps, add, scale, shift)
+        return forward_triton
+
+    def forward(x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
+        return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    return forward
+
+
+# ---------------------------------------------------------------- the Python entry
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, *, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
                shift: Optional[Tensor] = None, activation: Optional[str] = None,
@@ -203,106 +276,4 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         y = F.group_norm(h, num_groups, weight, bias, eps) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         out = F.silu(y)   # activation="silu"
     """
-    compiling = torch.compiler.is_compiling()
-    if not compiling and plain_tensor(input):
-        # Eager, at a geometry seen before: skip the checks and the planning (they passed for the same
-        # metadata), the largest part of a small call's host time.
-        key = _geometry(input, num_groups, weight, bias, add, scale, shift, activation, backend)
-        if key is not None:
-            grad = torch.is_grad_enabled() and (input.requires_grad or any(
-                t is not None and t.requires_grad for t in (weight, bias, add, scale, shift)))
-            try:
-                hit = _PLANS.get((key, grad))
-            except TypeError:  # an unhashable argument: the checked path says what is wrong with it
-                hit = None
-            if hit is not None:
-                backends._last.update(hit[0])
-                return hit[1](input, weight, bias, float(eps), add, scale, shift)
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-    if input.dim() < 2:
-        raise ValueError(f"input must have shape (N, C, *), got {tuple(input.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    n, c = input.shape[:2]
-    if c % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
-    if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
-        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_param(name, t, (c,), input)
-    for name, t in (("add", add), ("scale", scale), ("shift", shift)):
-        _check_param(name, t, (n, c), input)
-    given = input
-    if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
-        input = input.contiguous()
-    select = _select_at_trace if compiling else backends.select
-    name = select(OP, input.device, input.dtype, backend, prefer=_prefer(input, num_groups))
-    args = (input, num_groups, weight, bias, float(eps), add, scale, shift, ACT_CODE[activation])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, add, scale, shift))
-    last = {OP: name}
-    if compiling or needs_grad:
-        # The backward picks its own backend (under auto the fastest backward may be another's).
-        bwd = select("group_norm_bwd", input.device, input.dtype, backend)
-        last["group_norm_bwd"] = bwd
-        name = name if bwd == name else f"{name}+{bwd}"
-    if compiling:
-        return group_norm_fwd(*args, name)[0]
-    copy, act = input is not given, ACT_CODE[activation]
-    forward = _plan(_pair(name)[0], input, num_groups, weight, bias, add, scale, shift, act)
-    if needs_grad:
-        # In eager, skip the custom op's Python layers: they cost more than the kernels.
-        def run(x, weight, bias, eps, add, scale, shift):
-            return _GroupNormFunction.apply(x.contiguous() if copy else x, num_groups, weight, bias, eps, add,
-                                            scale, shift, act, name, forward)
-    else:
-        def run(x, weight, bias, eps, add, scale, shift):
-            return forward(x.contiguous() if copy else x, weight, bias, eps, add, scale, shift)[0]
-    key = _geometry(given, num_groups, weight, bias, add, scale, shift, activation, backend)
-    if plain_tensor(given) and key is not None:
-        if len(_PLANS) >= 256:
-            _PLANS.clear()
-        _PLANS[(key, needs_grad)] = (last, run)
-    return run(given, weight, bias, float(eps), add, scale, shift)
-
-
-# ({op: backend} to report, run) per call geometry and need of gradients, in eager: see _geometry and _plan.
-_PLANS: dict = {}
-
-
-def _geometry(x, num_groups, weight, bias, add, scale, shift, activation, backend) -> Optional[tuple]:
-    """Everything the op's checks, its backend choice and its launch plan depend on, as a dict key (None
-    where an argument is not a plain tensor: such calls take the checked path)."""
-    params = []
-    for t in (weight, bias, add, scale, shift):
-        if t is None:
-            params.append(None)
-        elif plain_tensor(t):
-            params.append((t.shape, t.stride(), t.dtype, t.device))
-        else:
-            return None
-    return (x.shape, x.stride(), x.dtype, x.device, type(num_groups), num_groups, activation, backend,
-            backends.requested(), id(backends.OP_PRIORITY.get(OP)), id(backends.OP_PRIORITY.get("group_norm_bwd")),
-            id(backends.PRIORITY.get(x.device.type)), *params)
-
-
-def _plan(name, x, num_groups, weight, bias, add, scale, shift, activation):
-    """forward(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd) on backend ``name`` for tensors
-    like these (x as the kernels take it): for Triton, everything worked out from the metadata is done
-    here once (``plan_fwd``), so that a call only allocates and launches."""
-    if name == "triton":
-        from .group_norm_triton import plan_fwd
-        with backends.device_guard(x):
-            launch = plan_fwd(x, num_groups, weight, bias, add, scale, shift, ACT_NAME[activation])
-
-        def forward_triton(x, weight, bias, eps, add, scale, shift):
-            with backends.device_guard(x):
-                return launch(x, weight, bias, eps, add, scale, shift)
-        return forward_triton
-
-    def forward(x, weight, bias, eps, add, scale, shift):
-        return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)
-    return forward
+    return OP(input, num_groups, weight, bias, eps, add, scale, shift, activation, backend=backend)

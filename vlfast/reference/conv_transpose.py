@@ -15,7 +15,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .group_norm import ACTIVATIONS, activate
+from ..activations import NAMES as ACTIVATIONS
+from ..activations import activate
 
 __all__ = ["ACTIVATIONS", "activate", "conv_transpose2d"]
 

@@ -14,21 +14,11 @@ Ho et al.'s ResBlock is ``add`` + SiLU ("ddpm"); ADM's AdaGN is scale-shift + Si
 import math
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = (None, "silu", "relu", "gelu")
-
-
-def activate(y: torch.Tensor, activation):
-    if activation is None:
-        return y
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+# The activations and their reference functions live in vlfast/activations.py (the one table of names and
+# codes); these names stay importable from here.
+from ..activations import NAMES as ACTIVATIONS
+from ..activations import activate, activation_grad
 
 
 def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -64,21 +54,6 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, add=None,
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out
-
-
-def activation_grad(y: torch.Tensor, activation) -> torch.Tensor:
-    """d activation(y) / dy."""
-    if activation is None:
-        return torch.ones_like(y)
-    if activation == "silu":
-        s = torch.sigmoid(y)
-        return s * (1 + y * (1 - s))
-    if activation == "relu":
-        return (y > 0).to(y.dtype)
-    if activation == "gelu":
-        cdf = 0.5 * (1 + torch.erf(y * 0.7071067811865476))
-        return cdf + y * torch.exp(-0.5 * y * y) * 0.3989422804014327
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def group_norm_backward(grad_out, input, num_groups, weight, bias, eps, add, scale, shift, activation, needs):
