@@ -93,5 +93,6 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "diffusers"]},
+    # bench: `python -m vlfast bench`'s progress bar and the GPU clocks, power limit and driver it reports.
+    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py"], "test": ["pytest", "diffusers"]},
 )

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_check.sh                 # everything
 #   STEPS="build tests ddpm" bash benchmarks/gpu_check.sh
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
+#   PROBES=0 bash benchmarks/gpu_check.sh        # without the tuning probes (tools/probes.py) in the benchmarks
 #   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
 # All default steps take 8-10 minutes; on a machine whose calls are capped at 10, run two calls on the
 # same warm machine (the build stays): STEPS="build diagnose tests", then
@@ -74,13 +75,16 @@ if want tests; then
 fi
 
 quick=(); [ -n "${QUICK:-}" ] && quick=(--no-compile)
+probes=(--probes); [ "${PROBES:-1}" = 0 ] && probes=()  # tuning probes (tools/probes.py) beside the user's rows
 if want group_norm; then
   step "benchmark: group_norm"
-  limit "${GN_LIMIT:-120}" $PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" || status=1
+  limit "${GN_LIMIT:-120}" $PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" "${probes[@]}" \
+    || status=1
 fi
 if want conv_transpose && [ -f benchmarks/bench_conv_transpose.py ]; then
   step "benchmark: conv_transpose2d"
-  limit "${CONV_LIMIT:-150}" $PY benchmarks/bench_conv_transpose.py --json "$OUT/conv_transpose.json" "${quick[@]}" || status=1
+  limit "${CONV_LIMIT:-150}" $PY benchmarks/bench_conv_transpose.py --json "$OUT/conv_transpose.json" "${quick[@]}" "${probes[@]}" \
+    || status=1
 fi
 if want ddpm; then
   step "benchmark: ddpm step"
@@ -88,12 +92,12 @@ if want ddpm; then
 fi
 if want sweep; then
   step "sweep: ddpm tiles"
-  limit 90 $PY benchmarks/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+  limit 90 $PY tools/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
 fi
 
 if want host; then
   step "host time per call (back-to-back calls, one sync)"
-  limit 60 $PY benchmarks/host_overhead.py --json "$OUT/host_overhead.json" || status=1
+  limit 60 $PY tools/host_overhead.py --json "$OUT/host_overhead.json" || status=1
 fi
 
 if want profile && command -v ncu >/dev/null; then
@@ -104,9 +108,9 @@ if want profile && command -v ncu >/dev/null; then
   metrics+=,launch__block_size,lts__t_sector_hit_rate.pct,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum
   metrics+=,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
   limit "${PROFILE_LIMIT:-60}" ncu --profile-from-start off --clock-control none --nvtx --csv --page raw \
-    --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY benchmarks/profile_kernels.py ${PROFILE_CASES:+--cases "$PROFILE_CASES"} \
+    --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY tools/profile_kernels.py ${PROFILE_CASES:+--cases "$PROFILE_CASES"} \
     || status=1
-  $PY benchmarks/profile_kernels.py --summarize "$OUT/ncu.csv" || true
+  $PY tools/profile_kernels.py --summarize "$OUT/ncu.csv" || true
 fi
 
 step "done, status $status"

@@ -6,6 +6,9 @@
 // apart from WITH_CUDA.
 #include <Python.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include <torch/library.h>
 
 namespace vlfast {
@@ -17,6 +20,21 @@ bool has_cuda() {
   return false;
 #endif
 }
+
+namespace {
+// The CUDA GroupNorm forward's path: 0 auto (chosen from the shape), 1 one-pass, 2 split. A test knob,
+// set through vlfast.ops._overrides; kept here, where every build has it, and read by
+// csrc/cuda/group_norm_glue.cpp on each forward call.
+std::atomic<int64_t> gn_cuda_path{0};
+}  // namespace
+
+void group_norm_set_cuda_path(int64_t path) {
+  TORCH_CHECK(path >= 0 && path <= 2,
+              "group_norm_set_cuda_path: path must be 0 (auto), 1 (onepass) or 2 (split), got ", path);
+  gn_cuda_path.store(path, std::memory_order_relaxed);
+}
+
+int64_t group_norm_cuda_path() { return gn_cuda_path.load(std::memory_order_relaxed); }
 
 }  // namespace vlfast
 
@@ -48,6 +66,11 @@ TORCH_LIBRARY(vlfast, m) {
       "bool[] needs) -> Tensor[]");
   // Whether this build has the CUDA kernels (False: built without CUDA).
   m.def("has_cuda() -> bool", &vlfast::has_cuda);
+  // Force the path of the CUDA group_norm_fwd_kernel (0 auto, 1 one-pass, 2 split), process-wide, for
+  // tests and probes (vlfast.ops._overrides, knob group_norm_cuda_path); and read it back. A one-pass
+  // that cannot hold the group runs the split path.
+  m.def("group_norm_set_cuda_path(int path) -> ()", &vlfast::group_norm_set_cuda_path);
+  m.def("group_norm_cuda_path() -> int", &vlfast::group_norm_cuda_path);
 }
 
 extern "C" {

@@ -30,6 +30,23 @@ def reasons(backend, op, inputs, direction="forward"):
     return backends.not_supported_reasons(backend, op, inputs, direction)
 
 
+def run_in_threads(work, count: int) -> list:
+    """Run work(k) for k < count in as many threads at once; the exceptions they raised."""
+    errors = []
+
+    def guarded(k):
+        try:
+            work(k)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 # ---------------------------------------------------------------- the plan cache
 def test_plan_cache_is_bounded_and_least_recently_used():
     cache = _dispatch.PlanCache(size=3)
@@ -42,47 +59,30 @@ def test_plan_cache_is_bounded_and_least_recently_used():
 
 def test_plan_cache_from_several_threads():
     cache = _dispatch.PlanCache(size=16)
-    errors = []
 
     def work(seed):
-        try:
-            for i in range(2000):
-                key = (seed * 7 + i) % 40
-                cache.put(key, key)
-                got = cache.get(key)
-                assert got is None or got == key
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(cache) <= 16
+        for i in range(2000):
+            key = (seed * 7 + i) % 40
+            cache.put(key, key)
+            got = cache.get(key)
+            assert got is None or got == key
+    assert not run_in_threads(work, 4) and len(cache) <= 16
 
 
 def test_ops_called_from_several_threads_give_each_caller_its_result():
     """Threads share the plans of one op: each call still computes its own input, at several geometries."""
     shapes = [(2, 8, 5, 5), (3, 8, 4, 6), (1, 8, 7, 3)]
-    results, errors = {}, []
+    results = {}
 
     def work(k):
-        try:
-            g = torch.Generator().manual_seed(k)
-            for _ in range(5):
-                x = torch.randn(shapes[k % 3], generator=g)
-                with torch.no_grad():
-                    y = vlfast.ops.group_norm(x, 4, activation="silu", backend="reference")
-                torch.testing.assert_close(y, F.silu(F.group_norm(x, 4)))
-            results[k] = True
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 6
+        g = torch.Generator().manual_seed(k)
+        for _ in range(5):
+            x = torch.randn(shapes[k % 3], generator=g)
+            with torch.no_grad():
+                y = vlfast.ops.group_norm(x, 4, activation="silu", backend="reference")
+            torch.testing.assert_close(y, F.silu(F.group_norm(x, 4)))
+        results[k] = True
+    assert not run_in_threads(work, 6) and len(results) == 6
 
 
 def test_overrides_bypass_the_plan_cache():

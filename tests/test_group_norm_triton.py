@@ -1,8 +1,9 @@
 """The Triton GroupNorm launchers (vlfast.ops.group_norm_triton) against the float64 reference.
 
 CPU tensors under TRITON_INTERPRET=1 (set by conftest): small shapes; the split path is forced with
-``single_max=0`` and small tiles so that its loops and chunking run, and the groups per single-pass
-program with ``groups_per_program`` (path ids ``gpp<k>``).
+the private knobs of vlfast.ops._overrides (``group_norm_single_max=0`` and small tiles) so that its
+loops and chunking run, and the groups per single-pass program with ``group_norm_groups_per_program``
+(path ids ``gpp<k>``).
 """
 
 import math
@@ -10,6 +11,7 @@ import math
 import pytest
 import torch
 
+from vlfast.ops import _overrides
 from vlfast.ops import group_norm_triton as gnt
 from vlfast.ops.group_norm_triton import group_norm_bwd, group_norm_fwd
 from vlfast.reference.group_norm import group_norm as reference
@@ -21,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 
 GRADS = GN_GRADS
 PATTERNS = dict(GN_PATTERNS, **{"add-relu": (("add",), "relu")})
-SPLIT = dict(single_max=0, split_tile=32, split_programs=6)  # several tiles per chunk, several chunks
+# Knobs of vlfast.ops._overrides: several tiles per chunk, several chunks.
+SPLIT = dict(group_norm_single_max=0, group_norm_split_tile=32, group_norm_split_programs=6)
 
 
 def make_inputs(shape, groups, dtype, layout, pattern, affine=True, param_dtype=None, seed=0):
@@ -60,17 +63,20 @@ def reference_grads(x, groups, kw, act, dy, compute_dtype):
 
 
 def path_opts(path):
-    """Launcher overrides of a test path: "single" (the heuristics), "split", "gpp<k>" (k groups a program)."""
+    """Launcher knobs (vlfast.ops._overrides) of a test path: "single" (the heuristics), "split", "gpp<k>"
+    (k groups a program)."""
     if path == "split":
         return SPLIT
-    return dict(groups_per_program=int(path[3:])) if path.startswith("gpp") else {}
+    return dict(group_norm_groups_per_program=int(path[3:])) if path.startswith("gpp") else {}
 
 
-def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, groups_per_program=None, **opts):
-    out, mean, rstd = group_norm_fwd(x, groups, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"],
-                                     kw["shift"], act, groups_per_program=groups_per_program, **opts)
-    grads = group_norm_bwd(dy, x, groups, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
-                           mean, rstd, needs, **opts)
+def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, **knobs):
+    """Forward and backward with ``knobs`` set (group_norm_groups_per_program acts on the forward only)."""
+    with _overrides.use(**knobs):
+        out, mean, rstd = group_norm_fwd(x, groups, kw["weight"], kw["bias"], 1e-5, kw["add"], kw["scale"],
+                                         kw["shift"], act)
+        grads = group_norm_bwd(dy, x, groups, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
+                               mean, rstd, needs)
     return out, mean, rstd, grads
 
 
@@ -179,7 +185,7 @@ def test_mixed_dtypes():
 
 def test_split_path_with_default_tiles():
     """A group too large for the single pass, with the default split tiles."""
-    check_all((1, 4, 40, 40), 1, torch.float32, "nhwc", "adm", single_max=4096)
+    check_all((1, 4, 40, 40), 1, torch.float32, "nhwc", "adm", group_norm_single_max=4096)
 
 
 def test_path_choice():
@@ -236,8 +242,8 @@ def test_nan_propagates_to_its_group(path):
     layout = "nhwc" if path == "gpp4" else "nchw"  # gpp4: one program holds all four groups
     x, kw, act = make_inputs((2, 8, 5, 7), 4, torch.float32, layout, "ddpm")
     x[1, 3, 2, 4] = float("nan")  # sample 1, group 1 (channels 2, 3)
-    out, mean, rstd = group_norm_fwd(x, 4, kw["weight"], kw["bias"], 1e-5, kw["add"], None, None, "relu",
-                                     **path_opts(path))
+    with _overrides.use(**path_opts(path)):
+        out, mean, rstd = group_norm_fwd(x, 4, kw["weight"], kw["bias"], 1e-5, kw["add"], None, None, "relu")
     assert out[1, 2:4].isnan().all() and mean[1, 1].isnan() and rstd[1, 1].isnan()
     out[1, 2:4] = 0.0
     mean[1, 1] = rstd[1, 1] = 0.0
@@ -261,8 +267,9 @@ def test_grad_layout_and_needs():
     _, want = reference_grads(x, 2, kw, act, dy, torch.float64)
     for needs in [(True, False, False, False, False, False), (False, True, False, True, False, True)]:
         for opts in ({}, SPLIT):
-            got = group_norm_bwd(dy, x, 2, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
-                                 mean, rstd, needs, **opts)
+            with _overrides.use(**opts):
+                got = group_norm_bwd(dy, x, 2, kw["weight"], kw["bias"], kw["add"], kw["scale"], kw["shift"], act,
+                                     mean, rstd, needs)
             for name, need, g, w in zip(GRADS, needs, got, want):
                 if not need:
                     assert g is None, name
@@ -283,8 +290,11 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         group_norm_fwd(x.double(), 3)
     for gpp in (-1, 2, 3):  # G = 3: 2 does not divide it, -1 and 3 are not powers of two
-        with pytest.raises(ValueError, match="groups_per_program"):
-            group_norm_fwd(x, 3, groups_per_program=gpp)
+        with _overrides.use(group_norm_groups_per_program=gpp):
+            with pytest.raises(ValueError, match="groups_per_program"):
+                group_norm_fwd(x, 3)
+    with pytest.raises(TypeError):  # tuning knobs are overrides, not launcher arguments
+        group_norm_fwd(x, 3, single_max=0)
 
 
 def test_split_path_prediction_matches_the_launcher():
@@ -304,7 +314,8 @@ def test_split_statistics_with_a_large_mean_and_an_outlier_first(layout):
     x[:, :, 0, 0] += 25.0  # the first element of every channel: the shift of its first chunk
     if layout == "nhwc":
         x = x.to(memory_format=torch.channels_last)
-    out, mean, rstd = group_norm_fwd(x, 4, eps=1e-5, **SPLIT)
+    with _overrides.use(**SPLIT):
+        out, mean, rstd = group_norm_fwd(x, 4, eps=1e-5)
     xd = x.double().reshape(2, 4, -1)
     assert_close(mean, xd.mean(-1).float(), torch.float32, rtol=1e-6, atol=1e-4)
     assert_close(rstd, (xd.var(-1, unbiased=False) + 1e-5).rsqrt().float(), torch.float32, rtol=1e-4, atol=1e-5)

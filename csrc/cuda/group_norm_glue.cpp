@@ -3,10 +3,10 @@
 // and vlfast::group_norm_bwd_kernel on CUDA tensors. Checks, allocation, the current stream, the
 // launches and their error check.
 //
-// The environment variable VLFAST_GN_CUDA_PATH ("auto", "onepass" or "split"), read on every call,
-// forces the forward path, for tests; a one-pass that cannot hold the group runs the split path.
-#include <cstdlib>
-#include <cstring>
+// vlfast::group_norm_set_cuda_path (csrc/ops.cpp; from Python, the knob group_norm_cuda_path of
+// vlfast.ops._overrides) forces the forward path, for tests; a one-pass that cannot hold the group runs
+// the split path.
+#include <cstdint>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -23,6 +23,10 @@
 #include "group_norm.h"
 
 namespace vlfast {
+
+// The forced forward path, 0 auto, 1 one-pass, 2 split: defined in csrc/ops.cpp.
+int64_t group_norm_cuda_path();
+
 namespace {
 
 constexpr int64_t kActivations = 4;  // 0 none, 1 silu, 2 relu, 3 gelu
@@ -93,11 +97,11 @@ GnDeviceInfo device_info(c10::DeviceIndex index) {
 }
 
 GnPath forward_path() {
-  const char* v = std::getenv("VLFAST_GN_CUDA_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return GN_PATH_AUTO;
-  if (std::strcmp(v, "onepass") == 0) return GN_PATH_ONEPASS;
-  TORCH_CHECK(std::strcmp(v, "split") == 0, "VLFAST_GN_CUDA_PATH must be auto, onepass or split, got ", v);
-  return GN_PATH_SPLIT;
+  switch (group_norm_cuda_path()) {
+    case 1: return GN_PATH_ONEPASS;
+    case 2: return GN_PATH_SPLIT;
+    default: return GN_PATH_AUTO;
+  }
 }
 
 cudaStream_t current_stream(const at::Tensor& t) {

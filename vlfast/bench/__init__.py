@@ -9,8 +9,12 @@ from .common import Row, copy_bandwidth, format_table, headline, machine, write_
 OPS = ("ddpm", "group_norm", "conv_transpose")
 
 
-def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True):
-    """Run the benchmarks of ``ops`` on ``device``; returns (machine info, copy GB/s, rows)."""
+def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True, extra=None):
+    """Run the benchmarks of ``ops`` on ``device``; returns (machine info, copy GB/s, rows).
+
+    ``extra``: {op: factory} of more providers to time beside the user-facing ones (the repository's
+    tuning probes, tools/probes.py); see the ``cases`` of the op's module for what a factory is given.
+    """
     import importlib
 
     from tqdm.auto import tqdm
@@ -20,7 +24,8 @@ def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=T
     todo = []
     for op in ops:
         mod = importlib.import_module(f"vlfast.bench.{op}")
-        todo += list(mod.cases(device, shapes=shapes, dtypes=dtypes, providers=providers, compile_=compile_))
+        more = {"extra": extra[op]} if extra and op in extra else {}
+        todo += list(mod.cases(device, shapes=shapes, dtypes=dtypes, providers=providers, compile_=compile_, **more))
     rows: list[Row] = []
     # A time limit (SIGTERM, as `timeout` sends) or Ctrl-C ends the run after the cases done so far,
     # which are still reported: a long run cut short keeps what it measured.
@@ -87,11 +92,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def script(op: str, args: argparse.Namespace, shapes=None):
-    """Run one op's benchmarks as parsed by :func:`parser`, print and save them; returns the rows."""
+def script(op: str, args: argparse.Namespace, shapes=None, extra=None):
+    """Run one op's benchmarks as parsed by :func:`parser`, print and save them; returns the rows.
+    ``extra``: a factory of more providers for ``op`` (see :func:`run`)."""
     import torch
     dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
     info, copy_gbps, rows = run(torch.device(args.device), (op,), shapes=shapes, dtypes=dtypes,
-                                compile_=not args.no_compile)
+                                compile_=not args.no_compile, extra={op: extra} if extra else None)
     report(info, copy_gbps, rows, args.json)
     return rows

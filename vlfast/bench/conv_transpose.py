@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ..ops._common import memory_format
-from ..ops.conv_transpose import conv_transpose2d, output_shape
-from ..ops.conv_transpose_triton import conv_transpose2d_into, kernel_for
+from ..ops.conv_transpose import conv_transpose2d
 from .common import Row, bench, bench_graph, compiled, format_table
 
 # name: (N, Cin, Cout, H=W, k, stride, padding, output_padding)
@@ -50,14 +48,20 @@ def matmul_tflops(device_type: str = "cuda", n: int = 8192) -> float:
 
 def _runnable(device):
     """vlfast backends to time: Triton on a GPU; the reference entry on a CPU (Triton there only interprets)."""
-    names = [bk for bk in backends.OP_BACKENDS["conv_transpose2d"] if bk != "reference"
-             and not backends.not_supported_reasons(bk, device, op="conv_transpose2d")
+    names = [bk for bk in backends.BACKENDS if bk != "reference"
+             and not backends.not_supported_reasons(bk, "conv_transpose2d", device=device)
              and not (bk == "triton" and device.type == "cpu")]
     return names or ["reference"]
 
 
-def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True):
-    """Yield (label, thunk) pairs; each thunk returns the Rows of one case (all providers)."""
+def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True, extra=None):
+    """Yield (label, thunk) pairs; each thunk returns the Rows of one case (all providers).
+
+    ``extra(geo=, args=, device=, dtype=, channels_last=, names=)``, where given, returns more providers
+    for one case, {name: fn(x, w, b)}, timed forward only (the tuning probes of tools/probes.py);
+    ``geo``: the case's (N, Cin, Cout, H, k, stride, padding, output_padding), ``args``: its
+    stride/padding/output_padding keywords, ``names``: the providers already in the case.
+    """
     if device.type == "cuda":
         todo = [(name, geo, dt, cl) for name, geo in (shapes or ANCHOR_CASES).items() for dt, cl in GPU_VARIANTS]
     else:
@@ -66,7 +70,8 @@ def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compil
         if dtypes and dtype not in dtypes:
             continue
         label = f"{name} {str(dtype).replace('torch.', '')}{' NHWC' if cl else ''}"
-        yield label, (lambda g=geo, d=dtype, cl=cl, lab=label: _case(device, g, d, cl, lab, providers, compile_))
+        yield label, (lambda g=geo, d=dtype, cl=cl, lab=label: _case(device, g, d, cl, lab, providers, compile_,
+                                                                     extra))
     if device.type == "cuda" and CONCAT_CASE in (shapes or ANCHOR_CASES) and (not dtypes or torch.bfloat16 in dtypes):
         label = f"{CONCAT_CASE} + cat bfloat16 NHWC"
         yield label, (lambda: _concat_case(device, ANCHOR_CASES[CONCAT_CASE], label, providers))
@@ -111,7 +116,7 @@ def _fp32_reference(x, w, b, geo_args):
         torch.backends.cudnn.allow_tf32 = old
 
 
-def _case(device, geo, dtype, channels_last, label, providers, compile_):
+def _case(device, geo, dtype, channels_last, label, providers, compile_, extra=None):
     x, w, b, args = _make(device, geo, dtype, channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -129,9 +134,9 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
         fns[f"vlfast-{bk}"] = lambda x, w, b, bk=bk: conv_transpose2d(x, w, b, **args, backend=bk)
     if device.type == "cuda":  # what auto runs: Triton's forward only where measured faster, PyTorch's backward
         fns["vlfast-auto"] = lambda x, w, b: conv_transpose2d(x, w, b, **args, backend="auto")
-    k, s = geo[4], geo[5]
-    if "vlfast-triton" in fns and k != s and kernel_for((k, k), (s, s), (1, 1)) == "subpixel":
-        fns["vlfast-triton-phase"] = functools.partial(_phase_probe, args=args)  # the kernel it replaced
+    probes = extra(geo=geo, args=args, device=device, dtype=dtype, channels_last=channels_last,
+                   names=tuple(fns)) if extra else {}
+    fns.update(probes)
     if providers:
         fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
     want = _fp32_reference(x, w, b, args)
@@ -148,7 +153,7 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
             rows.append(_time("fwd", label, dtype, f"graph:{name}", lambda fn=fn: fn(x, w, b), device, nbytes,
                               flops, graph=True))
         # Forward + backward of the U-Net up-conv cases, bf16 (torch.compile's backward only on request).
-        if (device.type == "cuda" and geo[4] == geo[5] == 2 and dtype == torch.bfloat16
+        if (device.type == "cuda" and geo[4] == geo[5] == 2 and dtype == torch.bfloat16 and name not in probes
                 and (name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD"))):
             leaves = [t.detach().requires_grad_() for t in (x, w, b)]
             dy = torch.randn_like(want, dtype=dtype)
@@ -157,16 +162,6 @@ def _case(device, geo, dtype, channels_last, label, providers, compile_):
                 fn(*leaves).backward(dy)
             rows.append(_time("fwd+bwd", label, dtype, name, step, device, 3 * nbytes, 3 * flops))
     return rows
-
-
-def _phase_probe(x, w, b, args):
-    """The phase kernel forced on a geometry where the sub-pixel kernel runs by default (v1 against v2)."""
-    shape = output_shape(x.shape, w.shape, (args["stride"],) * 2, (args["padding"],) * 2,
-                         (args["output_padding"],) * 2, 1, (1, 1))
-    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    pair = lambda v: (v, v)  # noqa: E731
-    return conv_transpose2d_into(out, x, w, b, pair(args["stride"]), pair(args["padding"]),
-                                 pair(args["output_padding"]), 1, (1, 1), 0, kernel="phase")
 
 
 def _concat_case(device, geo, label, providers):

@@ -53,7 +53,8 @@ def _case(device, shape, dtype, label, providers, compile_):
         fns["torch.compile"] = compiled(_eager(ac, T))
     # The reference (Philox in plain PyTorch) is the spec, not a contender; Triton on a CPU is the interpreter.
     skip = ("reference", "triton") if device.type == "cpu" else ("reference",)
-    runnable = [b for b in backends.BACKENDS if b not in skip and not backends.not_supported_reasons(b, device, dtype)]
+    runnable = [b for b in backends.BACKENDS
+                if b not in skip and not backends.not_supported_reasons(b, "ddpm_step", device=device, dtype=dtype)]
     for b in runnable:
         fns[f"vlfast-{b}"] = (lambda b=b: lambda e, s: sched.step(e, T, s, backend=b, return_dict=False,
                                                                    return_pred_original_sample=False)[0])()

@@ -15,7 +15,6 @@ from ..ops.group_norm import group_norm
 from .common import Row, bench, bench_graph, compiled
 
 G = 32
-PROBES = ("vlfast-triton-split", "vlfast-triton-v2")  # forward-only tuning probes
 # (N, C, H, W, dtype, channels_last): the shapes of the shared anchors.
 GPU_CASES = [
     (64, 128, 32, 32, torch.float32, False), (64, 128, 32, 32, torch.bfloat16, False),
@@ -46,30 +45,23 @@ def fused(pattern, backend):
     return ddpm if pattern == "ddpm" else adm
 
 
-def forced_triton(pattern, **opts):
-    """The Triton forward with its heuristics overridden (e.g. ``single_max=0``: the split path): a tuning probe."""
-    from ..ops.group_norm_triton import group_norm_fwd
+def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True, extra=None):
+    """Yield (label, thunk) pairs; each thunk returns the Rows of one case (both patterns).
 
-    def ddpm(x, w, b, temb, scale, shift):
-        return group_norm_fwd(x, G, w, b, 1e-5, temb, None, None, "silu", **opts)[0]
-
-    def adm(x, w, b, temb, scale, shift):
-        return group_norm_fwd(x, G, w, b, 1e-5, None, scale, shift, "silu", **opts)[0]
-    return ddpm if pattern == "ddpm" else adm
-
-
-def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True):
-    """Yield (label, thunk) pairs; each thunk returns the Rows of one case (both patterns)."""
+    ``extra(pattern=, device=, dtype=, channels_last=, runnable=)``, where given, returns more providers
+    for one case and pattern, {name: fn(x, w, b, temb, scale, shift)}, timed forward only (the tuning
+    probes of tools/probes.py); ``runnable``: the vlfast backends timed here.
+    """
     todo = shapes or (GPU_CASES if device.type == "cuda" else CPU_CASES)
     for n, c, h, w, dtype, cl in todo:
         if dtypes and dtype not in dtypes:
             continue
         label = f"{n}x{c}x{h}x{w} {str(dtype).replace('torch.', '')}{' NHWC' if cl else ''}"
         yield label, (lambda s=(n, c, h, w), d=dtype, cl=cl, lab=label: _case(device, s, d, cl, lab, providers,
-                                                                             compile_))
+                                                                             compile_, extra))
 
 
-def _case(device, shape, dtype, channels_last, label, providers, compile_):
+def _case(device, shape, dtype, channels_last, label, providers, compile_, extra=None):
     n, c = shape[:2]
     x = torch.randn(shape, device=device, dtype=dtype)
     if channels_last:
@@ -80,7 +72,7 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
     args = (x, w, b, temb, scale, shift)
     size = x.numel() * x.element_size()
     runnable = [bk for bk in backends.BACKENDS if bk != "reference"
-                and not backends.not_supported_reasons(bk, device, dtype, "group_norm")
+                and not backends.not_supported_reasons(bk, "group_norm", device=device, dtype=dtype)
                 and not (bk == "triton" and device.type == "cpu")]
     rows = []
     for pattern in ("ddpm", "adm"):
@@ -89,10 +81,9 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
         if compile_ and not (device.type == "cuda" and dtype == torch.float32):
             fns["torch.compile"] = compiled(eager(pattern))
         fns.update({f"vlfast-{bk}": fused(pattern, bk) for bk in runnable})
-        if device.type == "cuda" and "triton" in runnable:
-            fns["vlfast-triton-split"] = forced_triton(pattern, single_max=0)  # the split path even where a group fits
-            if channels_last:  # the one-group single-pass kernel, as before v3
-                fns["vlfast-triton-v2"] = forced_triton(pattern, groups_per_program=0)
+        probes = extra(pattern=pattern, device=device, dtype=dtype, channels_last=channels_last,
+                       runnable=tuple(runnable)) if extra else {}
+        fns.update(probes)
         if providers:
             fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
         want = eager(pattern)(*(t.double() for t in args))
@@ -116,7 +107,7 @@ def _case(device, shape, dtype, channels_last, label, providers, compile_):
                                   2 * size, graph=True))
             # Forward + backward on a GPU, against eager (torch.compile's backward compile is timed
             # only with VLFAST_BENCH_COMPILE_BWD=1: it costs minutes over all shapes).
-            if device.type == "cuda" and name not in PROBES and (
+            if device.type == "cuda" and name not in probes and (
                     name != "torch.compile" or os.environ.get("VLFAST_BENCH_COMPILE_BWD")):
                 leaves = [t.detach().requires_grad_() for t in args]
 

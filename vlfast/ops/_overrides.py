@@ -14,17 +14,23 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_single_max``: padded group elements up to which the single-pass kernels run (0: split);
 - ``group_norm_split_tile``, ``group_norm_split_programs``: tiles of the split kernels;
 - ``group_norm_groups_per_program``: 0 the one-group forward kernel, k >= 1 the channel-run kernel;
-- ``group_norm_cuda_path``: "onepass" or "split" for the CUDA forward.
+- ``group_norm_cuda_path``: "onepass", "split" or "auto" for the CUDA forward. The CUDA glue keeps this
+  one in the extension (``torch.ops.vlfast.group_norm_set_cuda_path``), which :func:`use` sets on
+  entering and restores on leaving: unlike the others it is process-wide, not per thread or context.
 """
 
 import contextlib
 import contextvars
 from typing import Any
 
+import torch
+
 KNOBS = ("conv_transpose_kernel", "group_norm_single_max", "group_norm_split_tile", "group_norm_split_programs",
          "group_norm_groups_per_program", "group_norm_cuda_path")
 
 _current: contextvars.ContextVar = contextvars.ContextVar("vlfast_overrides", default=None)
+# group_norm_cuda_path -> the code of the extension's setter (csrc/ops.cpp).
+CUDA_PATHS = {"auto": 0, "onepass": 1, "split": 2}
 
 
 @contextlib.contextmanager
@@ -33,15 +39,27 @@ def use(**knobs: Any):
     unknown = set(knobs) - set(KNOBS)
     if unknown:
         raise ValueError(f"unknown override(s) {sorted(unknown)}; known: {KNOBS}")
-    merged = {**(_current.get() or {}), **knobs}
+    path = knobs.get("group_norm_cuda_path")
+    if path is not None and path not in CUDA_PATHS:
+        raise ValueError(f"group_norm_cuda_path must be one of {tuple(CUDA_PATHS)}, got {path!r}")
+    outer = _current.get() or {}
+    merged = {**outer, **knobs}
     merged = {k: v for k, v in merged.items() if v is not None}
+    # The CUDA forward's path lives in the extension: set it only where this block changes it.
+    cuda_path = merged.get("group_norm_cuda_path") != outer.get("group_norm_cuda_path")
+    if cuda_path:
+        _set_cuda_path(merged.get("group_norm_cuda_path"))
     token = _current.set(merged or None)
     try:
         yield
     finally:
         _current.reset(token)
+        if cuda_path:
+            _set_cuda_path(outer.get("group_norm_cuda_path"))
 
 
+# Constant while torch.compile traces (a ContextVar cannot be traced): a knob is read once, at trace time.
+@torch.compiler.assume_constant_result
 def get(name: str, default: Any = None) -> Any:
     """The knob's value, or ``default`` where it is not set."""
     knobs = _current.get()
@@ -51,3 +69,17 @@ def get(name: str, default: Any = None) -> Any:
 def active() -> bool:
     """Whether any knob is set (the ops then plan every call afresh)."""
     return _current.get() is not None
+
+
+def _set_cuda_path(path) -> None:
+    """Tell the extension's CUDA GroupNorm forward which path to take (None: auto); a no-op without vlfast._C."""
+    try:
+        from vlfast import _C  # noqa: F401 - loads the ops
+    except ImportError:
+        return  # no extension: no CUDA kernels to force
+    import torch
+    setter = getattr(torch.ops.vlfast, "group_norm_set_cuda_path", None)
+    if setter is None:
+        raise RuntimeError("vlfast._C has no group_norm_set_cuda_path: it predates the knob, rebuild it "
+                           "(pip install --no-build-isolation -e .)")
+    setter(CUDA_PATHS[path or "auto"])

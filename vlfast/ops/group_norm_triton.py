@@ -2,13 +2,15 @@
 vlfast/reference/group_norm.py). The custom op, its autograd and the module live in
 vlfast/ops/group_norm.py; these two functions are its Triton backend.
 
-Paths, chosen from the shape (or forced with ``single_max``):
+Paths, chosen from the shape (tests, probes and tools force them with the private knobs of
+:mod:`vlfast.ops._overrides`: ``group_norm_single_max``, ``group_norm_split_tile``,
+``group_norm_split_programs``, ``group_norm_groups_per_program``):
 
 - single pass, when the group padded to powers of two (C/G channels x S positions) holds at most
   ``single_pass_max(dtype)`` elements and there are enough (sample, group) programs: one kernel that
   reads x once (backward: one kernel reading x and dy once, plus a tiny dweight/dbias reduction);
   the forward on channels-contiguous inputs gives each program several groups of a sample
-  (:func:`default_groups_per_program`, or forced with ``groups_per_program``);
+  (:func:`default_groups_per_program`, or forced with ``group_norm_groups_per_program``);
 - split otherwise: stats -> finalize -> apply (backward: partial sums -> group terms -> dx -> dweight/dbias).
 """
 
@@ -18,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _overrides
 from ._common import ACT_CODE, cdiv, num_sms, pow2
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,7 +125,8 @@ def _vec(t: Optional[Tensor], name: str, c: int, dummy: Tensor) -> Tensor:
 def takes_split_path(x: Tensor, num_groups: int) -> bool:
     """Whether the forward of this input runs the split path (three launches) rather than the single pass."""
     n, c = x.shape[:2]
-    return not _use_single(n, num_groups, c // num_groups, math.prod(x.shape[2:]), x.dtype, False, None, x.device)
+    return not _use_single(n, num_groups, c // num_groups, math.prod(x.shape[2:]), x.dtype, False,
+                           _overrides.get("group_norm_single_max"), x.device)
 
 
 def _use_single(n: int, g: int, cpg: int, s: int, dtype, backward: bool, single_max: Optional[int],
@@ -187,54 +191,52 @@ def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optiona
 
 def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                   shift: Optional[Tensor] = None, activation: Optional[str] = None, *,
-                   single_max: Optional[int] = None, split_tile: Optional[int] = None,
-                   split_programs: Optional[int] = None,
-                   groups_per_program: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                   shift: Optional[Tensor] = None,
+                   activation: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Fused GroupNorm forward; returns ``(out, mean, rstd)``.
 
     x: (N, C, *) float32/float16/bfloat16, NCHW-contiguous, channels_last(_3d) or (N, C, L) with unit
     channel stride (other layouts are copied to contiguous); weight, bias: (C,); add, scale, shift:
     (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype and strides;
-    mean, rstd: (N, G) float32. ``single_max`` (padded group elements; 0 forces the split path),
-    ``split_tile``, ``split_programs`` and ``groups_per_program`` (the single-pass kernel: 0 the
-    one-group kernel, k >= 1 the channel-run kernel with k groups a program, a power of two dividing G;
-    any layout) override the heuristics (tests, benchmarks). Equivalent::
+    mean, rstd: (N, G) float32. The knobs of :mod:`vlfast.ops._overrides` override the heuristics
+    (tests, probes): ``group_norm_single_max`` (padded group elements; 0 forces the split path),
+    ``group_norm_split_tile``, ``group_norm_split_programs`` and ``group_norm_groups_per_program``
+    (the single-pass kernel: 0 the one-group kernel, k >= 1 the channel-run kernel with k groups a
+    program, a power of two dividing G; any layout). Equivalent::
 
         h = x + add[:, :, None, None]
         out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
     """
-    run = plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation, single_max=single_max,
-                   split_tile=split_tile, split_programs=split_programs, groups_per_program=groups_per_program)
+    run = plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation)
     return run(x, weight, bias, eps, add, scale, shift)
 
 
 def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              add: Optional[Tensor] = None, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-             activation: Optional[str] = None, *, single_max: Optional[int] = None, split_tile: Optional[int] = None,
-             split_programs: Optional[int] = None, groups_per_program: Optional[int] = None):
+             activation: Optional[str] = None):
     """Everything :func:`group_norm_fwd` works out from the tensors' metadata (checks, layout, path, tiles,
     kernel arguments), as ``run(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd)``, which only
     allocates and launches. ``run`` is valid for any tensors with the same shapes, strides, dtypes and
     device as these: the op caches it per geometry, since working it out again costs more host time than
-    the kernel takes at small shapes.
+    the kernel takes at small shapes. It is planned under the knobs of :mod:`vlfast.ops._overrides` set
+    when it is made.
     """
     from vlfast.kernels.group_norm import (group_norm_apply_kernel, group_norm_finalize_kernel,
                                            group_norm_fwd_fused_groups_kernel, group_norm_fwd_fused_kernel,
                                            group_norm_stats_kernel)
 
     n, c, g, s = _check(x, num_groups, activation)
-    gpp = groups_per_program
+    single_max = _overrides.get("group_norm_single_max")
+    gpp = _overrides.get("group_norm_groups_per_program")
     if gpp is not None and gpp != 0 and (gpp < 0 or gpp & (gpp - 1) or g % gpp):
-        raise ValueError(f"groups_per_program={gpp} must be 0 or a power of two dividing num_groups={g}")
+        raise ValueError(f"group_norm_groups_per_program={gpp} must be 0 or a power of two dividing "
+                         f"num_groups={g}")
     flags, _, (stride_an, stride_scn, stride_shn) = _params(weight, bias, add, scale, shift, n, c, x)
     copy_rows = tuple(t is not None and c > 1 and t.stride(1) != 1 for t in (add, scale, shift))
     x_strides = _strides_ncs(x)
     if x_strides is None or not _dense(x) or torch.empty_like(x).stride() != x.stride():
         # A layout the kernels don't index: run on a contiguous copy.
-        inner = plan_fwd(x.contiguous(), num_groups, weight, bias, add, scale, shift, activation,
-                         single_max=single_max, split_tile=split_tile, split_programs=split_programs,
-                         groups_per_program=groups_per_program)
+        inner = plan_fwd(x.contiguous(), num_groups, weight, bias, add, scale, shift, activation)
         return lambda x, *rest: inner(x.contiguous(), *rest)
     stride_n, stride_c, stride_s = x_strides
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
@@ -282,7 +284,8 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
             return out, mean, rstd
         return run_single
 
-    cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
+    cfg = _split_config(n, c, cpg, s, stride_c, _overrides.get("group_norm_split_tile"),
+                        _overrides.get("group_norm_split_programs"), x.device)
 
     def run_split(x, weight, bias, eps, add, scale, shift):
         out, mean, rstd = outputs(x)
@@ -304,16 +307,16 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
 
 def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                    add: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-                   activation: Optional[str], mean: Tensor, rstd: Tensor, needs, *,
-                   single_max: Optional[int] = None, split_tile: Optional[int] = None,
-                   split_programs: Optional[int] = None):
+                   activation: Optional[str], mean: Tensor, rstd: Tensor, needs):
     """Fused GroupNorm backward; returns ``(dx, dweight, dbias, dadd, dscale, dshift)``.
 
     ``needs``: six bools in that order; a gradient is None when not needed or its input is absent.
     dy: x's shape (copied to x's layout when it differs); mean, rstd: (N, G) float32 from
     :func:`group_norm_fwd`. dx has x's dtype and layout, the others their inputs' dtypes ((C,) and
     (N, C) contiguous); all accumulate in float32 and reduce in a fixed order. Equivalent:
-    ``torch.autograd.grad`` through vlfast.reference.group_norm.group_norm.
+    ``torch.autograd.grad`` through vlfast.reference.group_norm.group_norm. The knobs
+    ``group_norm_single_max``, ``group_norm_split_tile`` and ``group_norm_split_programs`` of
+    :mod:`vlfast.ops._overrides` override the heuristics, as in :func:`group_norm_fwd`.
     """
     from vlfast.kernels.group_norm import (group_norm_bwd_dx_kernel, group_norm_bwd_fused_kernel,
                                            group_norm_bwd_group_kernel, group_norm_bwd_partial_kernel,
@@ -355,14 +358,15 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
             pwb[0], pwb[1])
     needs_ch = dict(NEED_DADD=need_dadd, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, NEED_WB=need_wb)
 
-    if _use_single(n, g, cpg, s, x.dtype, True, single_max, x.device):
+    if _use_single(n, g, cpg, s, x.dtype, True, _overrides.get("group_norm_single_max"), x.device):
         block_c, block_s = pow2(cpg), pow2(s)
         group_norm_bwd_fused_kernel[(n * g,)](
             x, dy, dx if need_dx else x, mean, rstd, *params, *outs, c, s, g, cpg, *strides, group_size,
             **flags, ACT=act, NEED_DX=need_dx, **needs_ch, BLOCK_C=block_c, BLOCK_S=block_s,
             num_warps=_warps(2 * block_c * block_s))
     else:
-        cfg = _split_config(n, c, cpg, s, stride_c, split_tile, split_programs, x.device)
+        cfg = _split_config(n, c, cpg, s, stride_c, _overrides.get("group_norm_split_tile"),
+                            _overrides.get("group_norm_split_programs"), x.device)
         part = torch.empty((3, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
         mterms = torch.empty((2, n, g), dtype=torch.float32, device=x.device)
         group_norm_bwd_partial_kernel[(n * cfg["n_cb"] * cfg["P"],)](

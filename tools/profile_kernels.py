@@ -3,7 +3,7 @@
 Run under ncu (gpu_check.sh's "profile" step does)::
 
     ncu --profile-from-start off --clock-control none --csv --page raw --metrics <list> \
-        python benchmarks/profile_kernels.py [--cases a,b]
+        python tools/profile_kernels.py [--cases a,b]
 
 Each case runs once to compile and warm up, then once between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, so ncu records only that call's kernels (labelled by an NVTX range). Without ncu
@@ -17,6 +17,7 @@ import math
 import torch
 
 import vlfast
+from vlfast.ops import _overrides
 from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
 
 
@@ -26,9 +27,13 @@ def _gn(n, c, h, w, channels_last, backend, **force):
         x = x.to(memory_format=torch.channels_last)
     wt, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
     add = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
-    if force:
+    if force:  # the Triton launcher with knobs of vlfast.ops._overrides, e.g. group_norm_single_max=0
         from vlfast.ops.group_norm_triton import group_norm_fwd
-        return lambda: group_norm_fwd(x, 32, wt, b, 1e-5, add=add, activation="silu", **force)
+
+        def forced():
+            with _overrides.use(**force):
+                return group_norm_fwd(x, 32, wt, b, 1e-5, add=add, activation="silu")
+        return forced
     return lambda: vlfast.ops.group_norm(x, 32, wt, b, add=add, activation="silu", backend=backend)
 
 
@@ -53,7 +58,11 @@ def _conv(n, cin, cout, h, k, s, p, kernel, nchw=False):
     oh = (h - 1) * s - 2 * p + k
     out = torch.empty(n, cout, oh, oh, device="cuda", dtype=torch.bfloat16)
     out = out if nchw else out.to(memory_format=torch.channels_last)
-    return lambda: conv_transpose2d_into(out, x, w, b, (s, s), (p, p), (0, 0), 1, (1, 1), 0, kernel=kernel)
+
+    def run():
+        with _overrides.use(conv_transpose_kernel=kernel):
+            return conv_transpose2d_into(out, x, w, b, (s, s), (p, p), (0, 0), 1, (1, 1), 0)
+    return run
 
 
 # name: thunk factory. GroupNorm: ddpm pattern, bf16 (the 16x256x64x64 target and the slow rows).
@@ -62,7 +71,7 @@ CASES = {
     "gn-16x256x64-nhwc-triton": lambda: _gn(16, 256, 64, 64, True, "triton"),
     "gn-64x128x32-nhwc-triton": lambda: _gn(64, 128, 32, 32, True, "triton"),
     "gn-16x256x64-nchw-cuda": lambda: _gn(16, 256, 64, 64, False, "cuda"),
-    "gn-4x128x256-nchw-triton-split": lambda: _gn(4, 128, 256, 256, False, None, single_max=0),
+    "gn-4x128x256-nchw-triton-split": lambda: _gn(4, 128, 256, 256, False, None, group_norm_single_max=0),
     "gn-train-16x256x64-nchw-auto": lambda: _gn_train(16, 256, 64, 64, False),
     "gn-train-16x256x64-nhwc-auto": lambda: _gn_train(16, 256, 64, 64, True),
     "conv-N8-1024-512-32-k2s2-subpixel": lambda: _conv(8, 1024, 512, 32, 2, 2, 0, "subpixel"),

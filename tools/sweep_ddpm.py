@@ -3,7 +3,7 @@
 For each dtype and (BLOCK, num_warps): the step with in-kernel noise, and the same
 kernel without noise (the memory-only floor Triton reaches), against a device copy.
 
-    python benchmarks/sweep_ddpm.py [--json out.json]
+    python tools/sweep_ddpm.py [--json out.json]
 """
 
 import argparse

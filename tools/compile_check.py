@@ -3,12 +3,14 @@
 The interpreter proves a kernel's arithmetic, not its compilation: layouts, register pressure and
 vector widths only show when Triton lowers it for a real target. Triton's ahead-of-time path
 (``triton.compile`` with a ``GPUTarget``) runs its whole pipeline, ``ptxas`` included, with no GPU, so
-this module runs the launchers on meta tensors at the benchmark shapes, records the launches they
-make (kernel, arguments, tiles) and compiles exactly those, reporting per kernel: registers, stack and local memory (spills), the widths of the global loads
-and stores in the PTX, and whether the tensor-core path is ``wgmma``. ``tests/test_compile_check.py``
-turns the facts the kernels rely on into assertions. Run it by hand::
+this script runs the launchers of the installed vlfast on meta tensors at the benchmark shapes,
+records the launches they make (kernel, arguments, tiles) and compiles exactly those, reporting per
+kernel: registers, stack and local memory (spills), the widths of the global loads and stores in the
+PTX, and whether the tensor-core path is ``wgmma``. ``tests/test_compile_check.py`` turns the facts
+the kernels rely on into assertions. Run it from the repository root, without TRITON_INTERPRET::
 
-    python -m vlfast.bench.compile_check          # one line per case
+    python tools/compile_check.py           # one line per case
+    python tools/compile_check.py --json    # one JSON object: case -> facts
 """
 
 import os

@@ -3,19 +3,20 @@
 Forward: ``(input, num_groups, weight, bias, eps, add, scale, shift, activation) -> (out, mean, rstd)``;
 backward: ``(grad_out, input, num_groups, weight, bias, add, scale, shift, activation, mean, rstd, needs)
 -> [dinput, dweight, dbias, dadd, dscale, dshift]`` (an empty (0,) tensor where not needed). The spec is
-vlfast/reference/group_norm.py. The forward path is forced per call with VLFAST_GN_CUDA_PATH ("onepass",
-"split"; unset: chosen from the shape). Skipped without a GPU or without the extension's CUDA kernels.
+vlfast/reference/group_norm.py. The forward path is forced with the private knob ``group_norm_cuda_path``
+of vlfast.ops._overrides ("onepass", "split"; "auto" or unset: chosen from the shape), which sets it in the
+extension (torch.ops.vlfast.group_norm_set_cuda_path). Skipped without a GPU or without the extension's
+CUDA kernels.
 """
 
-import contextlib
 import itertools
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vlfast.ops import _overrides
 from vlfast.ops._common import ACT_CODE
 from vlfast.reference.group_norm import group_norm as reference
 from vlfast.testing import assert_close, assert_low_precision_close
@@ -32,7 +33,6 @@ HAS_CUDA_OPS = (torch.cuda.is_available() and bool(getattr(_C, "WITH_CUDA", Fals
 pytestmark = [pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs a GPU and vlfast._C built with CUDA"),
               pytest.mark.usefixtures("poison_empty")]
 
-ENV = "VLFAST_GN_CUDA_PATH"
 PATHS = ("onepass", "split")
 ACTS = ACT_CODE
 GRADS = GN_GRADS
@@ -41,18 +41,9 @@ PATTERNS = GN_PATTERNS
 
 
 # ---------------------------------------------------------------- helpers
-@contextlib.contextmanager
 def forced(path):
-    """Run the forward on ``path`` ("onepass", "split" or "auto")."""
-    old = os.environ.get(ENV)
-    os.environ[ENV] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+    """Run the forward on ``path`` ("onepass", "split" or "auto") inside the block."""
+    return _overrides.use(group_norm_cuda_path=path)
 
 
 def make_inputs(shape, dtype, layout="nchw", pattern="ddpm", affine=True, param_dtype=None, offset=1.5, seed=0):
@@ -239,6 +230,19 @@ def test_large_groups(shape, groups, dtype, layout, pattern, affine, path):
     check_all(x, groups, kw, act, path, loose=True)
 
 
+def test_forced_path_reaches_the_extension_and_is_restored():
+    path = torch.ops.vlfast.group_norm_cuda_path
+    assert path() == 0
+    with forced("split"):
+        assert path() == 2
+        with forced("onepass"):
+            assert path() == 1
+        with _overrides.use(group_norm_cuda_path=None):  # unset inside: auto
+            assert path() == 0
+        assert path() == 2
+    assert path() == 0
+
+
 def test_auto_path_matches_a_forced_one():
     """Many small groups run the one-pass kernel; one huge group the split kernels (bit-identical to forcing them)."""
     for shape, groups, path in (((64, 64, 8, 8), 32, "onepass"), ((1, 4, 160, 160), 1, "split")):
@@ -382,8 +386,10 @@ def test_errors():
         op(x, 2, None, None, 1e-5, None, None, None, 7)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         op(x.double(), 2, None, None, 1e-5, None, None, None, 0)
-    with pytest.raises(RuntimeError, match="VLFAST_GN_CUDA_PATH"):
+    with pytest.raises(ValueError, match="group_norm_cuda_path"):
         fwd(x, 2, kw, act, path="fast")
+    with pytest.raises(RuntimeError, match="path"):
+        torch.ops.vlfast.group_norm_set_cuda_path(3)
     _, mean, rstd = fwd(x, 2, kw, act)
     with pytest.raises(RuntimeError, match="needs"):
         bwd(x, x, 2, kw, act, mean, rstd, needs=(True,) * 5)

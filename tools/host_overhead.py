@@ -6,7 +6,7 @@ small shapes look host-bound or not depending on that window. This script measur
 times many back-to-back calls on the host clock and synchronises once at the end, so at small shapes
 (GPU time of a few µs) the wall time per call is the host time. Run on a GPU::
 
-    python benchmarks/host_overhead.py [--calls 500] [--json out.json]
+    python tools/host_overhead.py [--calls 500] [--json out.json]
 """
 
 import argparse
