@@ -34,7 +34,6 @@ from torch import Tensor
 
 from .. import backends
 from . import _overrides
-from ._common import plain_tensor
 
 PLAN_CACHE_SIZE = 256
 
@@ -79,26 +78,32 @@ class PlanCache:
         return len(self._plans)
 
 
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+_SEQUENCES = frozenset({list, tuple, torch.Size})
+_TENSORS = frozenset({Tensor, torch.nn.Parameter})
+
+
 def _geometry(values, values_only: frozenset = frozenset()) -> Optional[tuple]:
     """Everything of these arguments that an op's checks, backend choice and plan may depend on: tensors
     by shape, strides, dtype and device; plain scalars, strings and sequences of them by type and value;
     positions in ``values_only`` (per-call values such as eps or a seed) by type alone. None where an
-    argument is anything else (a tensor subclass, an object): such calls take the checked path."""
+    argument is anything else (a tensor subclass, an object): such calls take the checked path.
+    Written for speed: it runs on every eager call."""
     parts = []
+    append = parts.append
     for i, v in enumerate(values):
-        if isinstance(v, Tensor):
-            if not plain_tensor(v):
-                return None
-            parts.append((v.shape, v.stride(), v.dtype, v.device))
+        t = type(v)
+        if t in _TENSORS:
+            append((v.shape, v.stride(), v.dtype, v.device))
         elif i in values_only:
-            parts.append(type(v))
-        elif v is None or type(v) in (int, float, bool, str):
-            parts.append((type(v), v))
-        elif type(v) in (list, tuple, torch.Size):
+            append(t)
+        elif t in _SCALARS:
+            append((t, v))
+        elif t in _SEQUENCES:
             inner = _geometry(v)
             if inner is None:
                 return None
-            parts.append((type(v), inner))
+            append((t, inner))
         else:
             return None
     return tuple(parts)

@@ -270,14 +270,15 @@ class ConvTranspose2d(_dispatch.Op):
                 return y if out is None else out.copy_(y)  # differentiable: a copy autograd tracks
             return run_grad
         into = _planned_into(choice.forward, inputs)
-        shape, fmt = inputs.shape, memory_format(inputs.x)
+        forward = _planned_forward(choice.forward, inputs, into)
+        act = inputs.activation
 
         def run(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
             x = input.unsqueeze(0) if unbatched else input
             if out is not None:
                 into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
                 return out
-            y = into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt), x, weight, bias)
+            y = forward(x, weight, bias, *geometry[:-1], act, backend)
             return y.squeeze(0) if unbatched else y
         return run
 
@@ -322,11 +323,12 @@ def _planned_into(name: str, inputs: Inputs):
     raise AssertionError(name)
 
 
-def _planned_forward(name: str, inputs: Inputs):
-    """forward(*conv_transpose2d_op's arguments) -> y, on backend ``name`` (the eager training path)."""
+def _planned_forward(name: str, inputs: Inputs, into=None):
+    """forward(*conv_transpose2d_op's arguments) -> y, on backend ``name``, by ``into`` where given (a plan of
+    :func:`_planned_into` for the same inputs)."""
     if name == "reference":
         return lambda x, weight, bias, *rest: _fwd_reference(x, weight, bias, *rest[:-1])
-    into, shape, fmt = _planned_into(name, inputs), inputs.shape, memory_format(inputs.x)
+    into, shape, fmt = into or _planned_into(name, inputs), inputs.shape, memory_format(inputs.x)
     return lambda x, weight, bias, *rest: into(torch.empty(shape, dtype=x.dtype, device=x.device,
                                                            memory_format=fmt), x, weight, bias)
 

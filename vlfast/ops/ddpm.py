@@ -106,10 +106,10 @@ def _dense(t: Tensor) -> bool:
     return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def _like(name: str, t: Optional[Tensor], sample: Tensor) -> Optional[Tensor]:
-    """Check ``t`` against ``sample`` and give it sample's strides in dims 1.. (its own batch stride)."""
+def _check_like(name: str, t: Optional[Tensor], sample: Tensor) -> None:
+    """``t`` must be None or a tensor of sample's shape, device and dtype."""
     if t is None:
-        return None
+        return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.shape != sample.shape:
@@ -118,10 +118,13 @@ def _like(name: str, t: Optional[Tensor], sample: Tensor) -> Optional[Tensor]:
         raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
     if t.dtype != sample.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but sample has {sample.dtype}")
-    if t.stride()[1:] == sample.stride()[1:] or t.numel() == 0:
+
+
+def _like(t: Optional[Tensor], sample: Tensor) -> Optional[Tensor]:
+    """A checked ``t`` with sample's strides in dims 1.. (its own batch stride): as it is, or a copy."""
+    if t is None or t.stride()[1:] == sample.stride()[1:] or t.numel() == 0:
         return t
-    out = torch.empty_like(sample)
-    return out.copy_(t)
+    return torch.empty_like(sample).copy_(t)
 
 
 def check_sample(sample) -> None:
@@ -202,7 +205,7 @@ class DdpmStep(_dispatch.Op):
         check_sample(sample)
         dense = sample if _dense(sample) else sample.contiguous()
         for name, t in (("model_output", model_output), ("variance", variance), ("noise", noise)):
-            _like(name, t, dense)
+            _check_like(name, t, dense)
         if var_mode != ref.VAR_FIXED and variance is None:
             raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
         args = (sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,
@@ -242,9 +245,7 @@ def _step(impl, copy: bool, sample, model_output, coef, timestep, variance, nois
     """One call's per-call work (layouts, the timestep, the seed), then ``impl(*ddpm_step's arguments)``."""
     if copy:
         sample = sample.contiguous()
-    model_output = _like("model_output", model_output, sample)
-    variance = _like("variance", variance, sample)
-    noise = _like("noise", noise, sample)
+    model_output, variance, noise = _like(model_output, sample), _like(variance, sample), _like(noise, sample)
     timesteps, t_int = timestep_args(timestep, sample.shape[0], coef.shape[0], sample.device)
     if coef.device != sample.device:
         coef = coef.to(sample.device)
