@@ -1,5 +1,5 @@
 """Triton kernels of the fused transposed convolution (spec: vlfast/reference/conv_transpose.py;
-launchers: vlfast/ops/conv_transpose_triton.py).
+launchers: vlfast/ops/conv_transpose_triton.py; the shared implicit-GEMM core: kernels/igemm.py).
 
 Per axis, output pixel o of a transposed convolution (stride s, padding p, dilation d) receives
 x[i] * w[k] for every tap k with o = i*s - p + k*d, i.e. i = (o + p - k*d) / s when that divides.
@@ -25,115 +25,23 @@ Two forward kernels, both implicit GEMMs with float32 accumulation in ``tl.dot``
   phases (grid axis 1; each program derives its phase's geometry from scalars, so nothing is
   copied to the device per call), and a phase without taps still gets bias + activation.
 
-Shared pieces: ``_load_x_tile`` (an input tile through any strides, zero outside the image),
-``_implicit_gemm`` (the K loop over taps x input-channel chunks) and ``_epilogue``. The K loop only
-knows "row r of tap j reads x[n, ci, ih0[r] + jh*DIH, iw0[r] + jw*DIW] against weight tap
-(kh0 + jh*DKH, kw0 + jw*DKW)", so a dilated Conv2d (stride 1) reuses it as a single phase with
-ih0 = oh - padding, DIH = +dilation, kh0 = 0, DKH = 1 (strided Conv2d: ih0 = oh*stride - padding),
-its weight (Cout, Cin/G, KH, KW) arranged to the same [G, KH, KW, Cin/G, Cout/G] layout.
+The GEMM machinery (input-tile loader, the K loop over taps x input-channel chunks, the epilogue,
+the row-segment store, the program swizzle) is the implicit-GEMM core, kernels/igemm.py: each kernel
+here decodes its rows and columns, points the core at its taps and weight, and stores.
 
 The backward (dilation 1) has two more GEMMs against Wsp, at the end of this file: dgrad over the input
-pixels and wgrad over the output cells.
+pixels and wgrad over the output cells. They use the core's swizzle and epilogue; their K loops are
+their own, as their A tiles are not the core's [pixels, channels] input tiles (see there).
 
-The launcher pre-arranges the weight once per weight version: Wt[G, KH, KW, Cin/G, Cout/G] for the
-phase kernel (one [Cin/G, Cout/G] matrix per tap), Wsp[G, TH*TW*Cin/G, SH*SW*Cout/G] for the
-sub-pixel kernel.
+The host side (vlfast/ops/igemm.py) pre-arranges the weight once per weight version:
+Wt[G, KH, KW, Cin/G, Cout/G] for the phase kernel (one [Cin/G, Cout/G] matrix per tap),
+Wsp[G, TH*TW*Cin/G, SH*SW*Cout/G] for the sub-pixel kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .activation import act as _act
-
-
-@triton.jit
-def _load_x_tile(x_ptr, x_row, ih, iw, row_ok, ci, ci_ok, H, W, stride_xc, stride_xh, stride_xw):
-    """[BLOCK_M, BLOCK_K] tile x[n, ci, ih, iw] (x_row: int64 offset of (n, first channel) per row); 0 outside."""
-    ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    ptrs = x_ptr + (x_row + ih * stride_xh + iw * stride_xw)[:, None] + (ci * stride_xc)[None, :]
-    return tl.load(ptrs, mask=ok[:, None] & ci_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _implicit_gemm(acc, x_ptr, wt_ptr, x_row, ih0, iw0, row_ok, co, co_ok, n_taps, n_tw, kh0, kw0,
-                   DKH, DKW, DIH, DIW, KW, CIN_G, COUT_G, H, W, stride_xc, stride_xh, stride_xw,
-                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[r, c] += sum over taps j < n_taps and channels ci < CIN_G of
-    x[n_r, ci, ih0[r] + jh*DIH, iw0[r] + jw*DIW] * wt[kh0 + jh*DKH, kw0 + jw*DKW, ci, co[c]],
-    where (jh, jw) = divmod(j, n_tw).
-
-    wt_ptr: the group's [KH, KW, CIN_G, COUT_G] block. One flat loop over (tap, channel chunk), so the
-    compiler pipelines it as one K loop.
-    """
-    rk = tl.arange(0, BLOCK_K)
-    chunks = tl.cdiv(CIN_G, BLOCK_K)
-    for it in range(0, n_taps * chunks):
-        tap = it // chunks
-        ci = (it - tap * chunks) * BLOCK_K + rk
-        ci_ok = ci < CIN_G
-        jh = tap // n_tw
-        jw = tap - jh * n_tw
-        a = _load_x_tile(x_ptr, x_row, ih0 + jh * DIH, iw0 + jw * DIW, row_ok, ci, ci_ok, H, W,
-                         stride_xc, stride_xh, stride_xw)
-        w_tap = wt_ptr + ((kh0 + jh * DKH) * KW + (kw0 + jw * DKW)).to(tl.int64) * CIN_G * COUT_G
-        b = tl.load(w_tap + (ci * COUT_G)[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok,
-              HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
-    """out[row, col] = act(acc + bias[co_global[col]]) through the int64 offsets out_row [BLOCK_M] + out_col
-    [BLOCK_N], where mask [BLOCK_M, BLOCK_N]; col_ok [BLOCK_N] guards the bias load."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co_global, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y = _act(acc, ACT)
-    tl.store(out_ptr + out_row[:, None] + out_col[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row tiles share each column tile while it sits in L2."""
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
-    return pid_m, pid_n
-
-
-@triton.jit
-def _store_w_rows(acc, out_ptr, bias_ptr, n, g, lh0, lw0, j0, CH, CW, OH, OW, OH0, OW0, COUT_G, SH, n_cols,
-                  stride_on, stride_oc, stride_oh, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, CROP: tl.constexpr,
-                  SW: tl.constexpr, ROWS: tl.constexpr, W_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Epilogue for a W-contiguous output (stride_ow == 1): acc [ROWS*W_TILE cells, BLOCK_N columns in
-    (rh, co, rw) order] holds cells [lh0, lh0 + ROWS) x [lw0, lw0 + W_TILE) of sample n. Regrouped as
-    [(rh, co), cell row, (cell, rw)], each (rh, co, cell row) is W_TILE*SW contiguous output pixels, so
-    the stores are full-width vectors instead of one scattered element per lane."""
-    RC: tl.constexpr = BLOCK_N // SW
-    j = j0 + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + g * COUT_G + (j // SW) % COUT_G, mask=j < n_cols, other=0.0).to(tl.float32)[None, :]
-    y = _act(acc, ACT).to(out_ptr.dtype.element_ty)
-    y = tl.reshape(tl.permute(tl.reshape(y, (ROWS, W_TILE, RC, SW)), (2, 0, 1, 3)), (RC, ROWS, W_TILE * SW))
-    rc = j0 // SW + tl.arange(0, RC)                  # (rh, co) pairs
-    lh = lh0 + tl.arange(0, ROWS)                     # cell rows
-    t = tl.arange(0, W_TILE * SW)                     # (cell, rw) along the output row
-    oh = OH0 + lh[None, :] * SH + (rc // COUT_G)[:, None]
-    ow = OW0 + lw0 * SW + t
-    co = g * COUT_G + rc % COUT_G
-    offs = (n.to(tl.int64) * stride_on + (co.to(tl.int64) * stride_oc)[:, None, None]
-            + (oh.to(tl.int64) * stride_oh)[:, :, None] + ow[None, None, :])
-    # Bounds along t are written as ranges of t, so that the mask stays constant over aligned runs of t and
-    # the stores vectorise: cell lw0 + t // SW < CW, and (with CROP) 0 <= ow < OW.
-    t_ok = t < (CW - lw0) * SW
-    if CROP:  # padding, or a last cell reaching past the image
-        t_ok = t_ok & (t >= -(OW0 + lw0 * SW)) & (t < OW - (OW0 + lw0 * SW))
-    mask = (rc < n_cols // SW)[:, None, None] & (lh < CH)[None, :, None] & t_ok[None, None, :]
-    if CROP:
-        mask = mask & ((oh >= 0) & (oh < OH))[:, :, None]
-    tl.store(out_ptr + offs, y, mask=mask)
+from .igemm import epilogue, k_loop, store_w_rows, swizzle
 
 
 # N, H, W and SH are not specialised (on == 1 or divisibility by 16): that only multiplies compiles. Channel
@@ -161,7 +69,7 @@ def conv_transpose2d_subpixel_kernel(
         ROWS: tl.constexpr = BLOCK_M // W_TILE
         tiles_h = tl.cdiv(CH, ROWS)
         tiles_w = tl.cdiv(CW, W_TILE)
-        pid_m, pid_n = _swizzle(tl.program_id(0), N * tiles_h * tiles_w, num_n, GROUP_M)
+        pid_m, pid_n = swizzle(tl.program_id(0), N * tiles_h * tiles_w, num_n, GROUP_M)
         n = pid_m // (tiles_h * tiles_w)
         lh0 = pid_m // tiles_w % tiles_h * ROWS
         lw0 = pid_m % tiles_w * W_TILE
@@ -170,7 +78,7 @@ def conv_transpose2d_subpixel_kernel(
         lw = lw0 + i % W_TILE
         row_ok = (lh < CH) & (lw < CW)
     else:  # 1-D tiles over all N*CH*CW cells (channels_last x and out)
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * CH * CW, BLOCK_M), num_n, GROUP_M)
+        pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(N * CH * CW, BLOCK_M), num_n, GROUP_M)
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = m < N * CH * CW
         n = m // (CH * CW)
@@ -187,30 +95,18 @@ def conv_transpose2d_subpixel_kernel(
         rw = (j // COUT_G) % SW
 
     # Stage 2: acc = A @ Wsp with A[(n, ch, cw), (th, tw, ci)] = x[n, ci, ch - th, cw - tw] (0 outside the
-    # image): one flat loop over (tap, channel chunk), so that the compiler pipelines it as one K loop.
+    # image): tap (th, tw) reads cell (ch - th, cw - tw) against Wsp's rows (th*TW + tw, ci).
     x_row = n.to(tl.int64) * stride_xn + (g * CIN_G).to(tl.int64) * stride_xc
     wsp = wsp_ptr + g.to(tl.int64) * (TH * TW * CIN_G) * n_cols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rk = tl.arange(0, BLOCK_K)
-    chunks = tl.cdiv(CIN_G, BLOCK_K)
-    for it in range(0, TH * TW * chunks):
-        if TH * TW == 1:
-            tap = 0
-        else:
-            tap = it // chunks
-        ci = (it - tap * chunks) * BLOCK_K + rk
-        ci_ok = ci < CIN_G
-        a = _load_x_tile(x_ptr, x_row, CH0 + lh - tap // TW, CW0 + lw - tap % TW, row_ok, ci, ci_ok, H, W,
-                         stride_xc, stride_xh, stride_xw)
-        b = tl.load(wsp + ((tap * CIN_G + ci) * n_cols)[:, None] + j[None, :],
-                    mask=ci_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = k_loop(acc, x_ptr, wsp, x_row, CH0, CW0, lh, lw, row_ok, j, col_ok, TH * TW, TW, -1, -1, CIN_G, n_cols, H, W,
+                 stride_xc, stride_xh, stride_xw, BLOCK_K, PRECISION, ONE_TAP=TH * TW == 1)
 
     # Stage 3: bias, activation, and each cell's block to out[n, co, OH0 + lh*SH + rh, OW0 + lw*SW + rw],
     # cropped to the image.
     if W_ROWS_STORE:
-        _store_w_rows(acc, out_ptr, bias_ptr, n, g, lh0, lw0, pid_n * BLOCK_N, CH, CW, OH, OW, OH0, OW0, COUT_G, SH,
-                      n_cols, stride_on, stride_oc, stride_oh, HAS_BIAS, ACT, CROP, SW, ROWS, W_TILE, BLOCK_N)
+        store_w_rows(acc, out_ptr, bias_ptr, n, g, lh0, lw0, pid_n * BLOCK_N, CH, CW, OH, OW, OH0, OW0, COUT_G, SH,
+                     n_cols, stride_on, stride_oc, stride_oh, HAS_BIAS, ACT, CROP, SW, ROWS, W_TILE, BLOCK_N)
     else:
         co_global = g * COUT_G + co
         oh0 = OH0 + lh * SH
@@ -222,7 +118,7 @@ def conv_transpose2d_subpixel_kernel(
             oh = oh0[:, None] + rh[None, :]
             ow = ow0[:, None] + rw[None, :]
             mask = mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-        _epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok, HAS_BIAS, ACT)
+        epilogue(acc, out_ptr, bias_ptr, out_row, out_col, mask, co_global, col_ok, HAS_BIAS, ACT)
 
 
 @triton.jit
@@ -257,7 +153,7 @@ def conv_transpose2d_phase_kernel(
     # Grid: (M tiles of the largest phase x Cout tiles, phase, G). Rows m = (n, th, tw) of the phase.
     phase = tl.program_id(1)
     g = tl.program_id(2)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_m, tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), num_m, tl.cdiv(COUT_G, BLOCK_N), GROUP_M)
     oh0, th_n, ih_base, kh0, n_kh = _phase_axis(phase // SW, OH, SH, PH, DH, KH, GH, INVH, DKH)
     ow0, tw_n, iw_base, kw0, n_kw = _phase_axis(phase % SW, OW, SW, PW, DW, KW, GW, INVW, DKW)
     m_total = N * th_n * tw_n
@@ -279,23 +175,26 @@ def conv_transpose2d_phase_kernel(
     x_row = n.to(tl.int64) * stride_xn + (g * CIN_G).to(tl.int64) * stride_xc
     wt_g = wt_ptr + g.to(tl.int64) * KH * KW * CIN_G * COUT_G
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _implicit_gemm(acc, x_ptr, wt_g, x_row, th + ih_base, tw + iw_base, row_ok, co, co_ok, n_kh * n_kw,
-                         tl.maximum(n_kw, 1), kh0, kw0, DKH, DKW, DIH, DIW, KW, CIN_G, COUT_G, H, W,
-                         stride_xc, stride_xh, stride_xw, BLOCK_K, PRECISION)
+    acc = k_loop(acc, x_ptr, wt_g, x_row, 0, 0, th + ih_base, tw + iw_base, row_ok, co, co_ok, n_kh * n_kw,
+                 tl.maximum(n_kw, 1), DIH, DIW, CIN_G, COUT_G, H, W, stride_xc, stride_xh, stride_xw, BLOCK_K,
+                 PRECISION, w_taps=(kh0, kw0, DKH, DKW, KW))
 
     # Stage 3: bias, activation, store to out[n, co, oh0 + th*SH, ow0 + tw*SW].
     co_global = g * COUT_G + co
     out_row = (n.to(tl.int64) * stride_on + (oh0 + th * SH).to(tl.int64) * stride_oh
                + (ow0 + tw * SW).to(tl.int64) * stride_ow)
-    _epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok[:, None] & co_ok[None, :],
-              co_global, co_ok, HAS_BIAS, ACT)
+    epilogue(acc, out_ptr, bias_ptr, out_row, co_global.to(tl.int64) * stride_oc, row_ok[:, None] & co_ok[None, :],
+             co_global, co_ok, HAS_BIAS, ACT)
 
 
 # ---------------------------------------------------------------- backward (dilation 1)
 # In the sub-pixel form y[c*s + r - p] = sum_t x[c - t] * w[r + t*s] (cell c, phase r < s, tap t < T), so
 #   dx[i] = sum_{t, r, co} dy[(i + t)*s + r - p, co] * w[ci, co, r + t*s]   (a GEMM over input pixels), and
 #   dWsp[(t, ci), (r, co)] = sum_{n, c} x[c - t, ci] * dy[c*s + r - p, co]  (a GEMM over output cells),
-# both against the forward's arranged weight Wsp; positions outside the image read as 0.
+# both against the forward's arranged weight Wsp; positions outside the image read as 0. dgrad's K runs
+# over the (rw, co) of a phase row packed densely (a small Cout/G fills a K tile: a plain channel loop
+# would double the steps at Cout/G = 3) and wgrad's over output cells, so their A tiles mix pixels and
+# channels along both axes: each kernel gathers its own tiles.
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "SH"])
 def conv_transpose2d_dgrad_kernel(
     dy_ptr,    # (N, G*COUT_G, OH, OW) gradient of the output (after the activation's), any strides
@@ -308,7 +207,7 @@ def conv_transpose2d_dgrad_kernel(
 ):
     # Grid: (M tiles x Cin tiles, G). Rows m = input pixels (n, ih, iw); columns = input channels ci.
     g = tl.program_id(1)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N), GROUP_M)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m < N * H * W
     n = m // (H * W)
@@ -340,9 +239,9 @@ def conv_transpose2d_dgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # Stage 2: store dx[n, g*CIN_G + ci, ih, iw].
-    offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
-        + ((g * CIN_G + ci).to(tl.int64) * stride_xc)[None, :]
-    tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & ci_ok[None, :])
+    dx_row = n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+    epilogue(acc, dx_ptr, None, dx_row, (g * CIN_G + ci).to(tl.int64) * stride_xc, row_ok[:, None] & ci_ok[None, :],
+             None, None, False, 0)
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "OH", "OW", "CH", "CW", "SH", "cells_per_split"])
@@ -399,5 +298,5 @@ def conv_transpose2d_wgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # Stage 2: this split's partial, float32 (summed over the splits in a fixed order by the launcher).
-    offs = ((split * tl.num_programs(2) + g).to(tl.int64) * n_rows + r)[:, None] * n_cols + j[None, :]
-    tl.store(part_ptr + offs, acc, mask=r_ok[:, None] & j_ok[None, :])
+    part_row = ((split * tl.num_programs(2) + g).to(tl.int64) * n_rows + r) * n_cols
+    epilogue(acc, part_ptr, None, part_row, j, r_ok[:, None] & j_ok[None, :], None, None, False, 0)

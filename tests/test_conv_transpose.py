@@ -12,7 +12,7 @@ from vlfast.ops.conv_transpose_triton import precision
 from vlfast.reference import conv_transpose as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import DEVICES, DT, backend_params, gpu, runnable
+from conftest import DT, backend_params, gpu
 
 pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
 ACTS = [None, "relu", "silu", "gelu"]
@@ -124,70 +124,6 @@ def test_forward(device, backend, dtype, channels_last, i):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def triton_device():
-    """Where the Triton kernels run here: a GPU, else CPU tensors under the interpreter (else skip)."""
-    devices = [d for d in DEVICES if "triton" in runnable(d, "conv_transpose2d")]
-    if not devices:
-        pytest.skip("no device runs the Triton kernels here")
-    return "cuda" if "cuda" in devices else devices[0]
-
-
-KERNELS = [(i, k) for i, c in enumerate(CASES) for k in ("subpixel", "phase")
-           if k == "phase" or c["dilation"] == (1, 1)]
-
-
-@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
-@pytest.mark.parametrize("layouts", ["nchw-nchw", "nhwc-nhwc", "nchw-nhwc"])
-@pytest.mark.parametrize("i,kernel", KERNELS, ids=[f"{case_id(CASES[i])}-{k}" for i, k in KERNELS])
-def test_each_kernel(i, kernel, layouts, dtype):
-    """Both Triton kernels on every geometry they take (not only the one ``kernel_for`` picks), into a
-    poisoned output whose layout may differ from the input's."""
-    from vlfast.ops._common import ACT_CODE
-    from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
-    device = triton_device()
-    skip_unsupported(device, "triton", dtype)
-    c = CASES[i]
-    activation, bias = ACTS[(i + 1) % 4], i % 3 != 1
-    x, w, b = make(c, dtype, device, bias, layouts.startswith("nhwc"), seed=100 + i)
-    hi, lo = reference(x, w, b, c, activation, dtype)
-    out = torch.full(hi.shape, float("nan"), dtype=dtype, device=device)
-    if layouts.endswith("nhwc"):
-        out = out.to(memory_format=torch.channels_last)
-    conv_transpose2d_into(out, x, w, b, c["stride"], c["padding"], c["output_padding"], c["groups"],
-                          c["dilation"], ACT_CODE[activation], kernel=kernel)
-    check(out, hi, lo, dtype)
-
-
-BACKWARD = [i for i, c in enumerate(CASES) if c["dilation"] == (1, 1)]
-
-
-@pytest.mark.parametrize("dtype", list(DT), ids=DT.get)
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("i", BACKWARD, ids=[case_id(CASES[i]) for i in BACKWARD])
-def test_triton_backward_kernels(i, layout, dtype):
-    """dx and dweight of the Triton backward against aten.convolution_backward in float64 (dgrad: a GEMM
-    over input pixels, wgrad: split partials over output cells), poisoned outputs, any dy strides."""
-    from vlfast.ops.conv_transpose_triton import conv_transpose2d_backward
-    device = triton_device()
-    skip_unsupported(device, "triton", dtype)
-    c = CASES[i]
-    x, w, _ = make(c, dtype, device, False, layout == "nhwc", seed=200 + i)
-    y = ref.conv_transpose2d(x.double(), w.double(), None, **conv_args(c))
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(i)).to(device, dtype)
-    if layout == "nhwc":
-        dy = dy.to(memory_format=torch.channels_last)
-    dx, dw = conv_transpose2d_backward(dy, x, w, c["stride"], c["padding"], c["groups"], (True, True))
-    want = torch.ops.aten.convolution_backward(dy.double(), x.double(), w.double(), None, c["stride"], c["padding"],
-                                               c["dilation"], True, c["output_padding"], c["groups"],
-                                               [True, True, False])
-    lo = torch.ops.aten.convolution_backward(dy.float(), x.float(), w.float(), None, c["stride"], c["padding"],
-                                             c["dilation"], True, c["output_padding"], c["groups"],
-                                             [True, True, False])
-    for name, got, hi, low in (("dx", dx, want[0], lo[0]), ("dweight", dw, want[1], lo[1])):
-        assert got.shape == hi.shape and got.dtype == dtype, name
-        check(got, hi, low.to(dtype), dtype, name)
-
-
 @pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
 def test_forced_triton_trains_on_triton_kernels(device, backend):
     """backend="triton" runs the backward on the Triton kernels too (dilation 1); auto keeps PyTorch's."""
@@ -215,25 +151,6 @@ def test_forced_triton_trains_on_triton_kernels(device, backend):
         torch.ones(y.shape, dtype=torch.float64))
     for got, want in zip(leaves, ref_leaves):
         assert_close(got.grad, want.grad, torch.float32, rtol=1e-4, atol=1e-4)
-
-
-def test_kernel_choice_and_cells():
-    from vlfast.ops.conv_transpose_triton import _cells, kernel_for
-    assert kernel_for((2, 2), (2, 2), (1, 1)) == "subpixel"         # U-Net up-conv: one tap
-    assert kernel_for((4, 4), (2, 2), (1, 1)) == "subpixel"         # VAE k4 s2 p1: 2 x 2 taps, no zero
-    assert kernel_for((64, 64), (32, 32), (1, 1)) == "subpixel"     # FCN-32s
-    assert kernel_for((3, 3), (2, 2), (1, 1)) == "subpixel"         # 16 multiplies for 9 taps
-    assert kernel_for((1, 1), (3, 3), (1, 1)) == "phase"            # 9 multiplies for 1 tap
-    assert kernel_for((3, 3), (1, 1), (2, 2)) == "phase"            # dilation
-    # (taps, first cell, cells): k4 s2 p1 on 5 pixels -> 10 outputs in cells 0..5, the first and last cropped
-    assert _cells(5, 10, 4, 2, 1) == (2, 0, 6)
-    assert _cells(5, 10, 2, 2, 0) == (1, 0, 5)                      # k == s: cells are the input pixels
-    assert _cells(5, 11, 2, 2, 0) == (1, 0, 5)                      # output_padding: cell 5 has no input
-    assert _cells(16, 512, 64, 32, 16) == (2, 0, 17)                # FCN-32s
-    with pytest.raises(ValueError, match="kernel"):
-        from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
-        x, w, b = make(CASES[10], torch.float32, "cpu")
-        conv_transpose2d_into(torch.empty(2, 5, 9, 9), x, w, b, (1, 1), (2, 2), (0, 0), 1, (2, 2), 0, kernel="subpixel")
 
 
 @pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
@@ -480,14 +397,18 @@ def test_tf32_cuda_is_close():
 
 
 def test_auto_uses_the_kernels_only_where_they_beat_cudnn():
-    from vlfast.ops.conv_transpose import _kernels_pay
+    from vlfast.ops.conv_transpose import OP, _triton_pays
+
+    def _kernels_pay(x, w, stride, padding, dilation, out):
+        return _triton_pays(OP.check(x, w, None, stride, padding, 0, 1, dilation, None, out))
     x = torch.randn(2, 8, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     w2, w3 = torch.randn(8, 4, 2, 2, dtype=torch.bfloat16), torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
     one, zero = (1, 1), (0, 0)
     assert _kernels_pay(x, w2, (2, 2), zero, one, None)                            # the U-Net up-conv
     assert not _kernels_pay(x.float(), w2.float(), (2, 2), zero, one, None)        # fp32
     assert not _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, None)           # NCHW ...
-    assert _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, torch.empty(0))     # ... unless writing into out
+    out = torch.empty(2, 4, 10, 10, dtype=torch.bfloat16)
+    assert _kernels_pay(x.contiguous(), w2, (2, 2), zero, one, out)                # ... unless writing into out
     assert not _kernels_pay(x, w3, (2, 2), (1, 1), one, None)                      # the phase kernel
 
 
@@ -537,8 +458,8 @@ def test_module_calls_take_the_planned_path():
     ct_module = importlib.import_module("vlfast.ops.conv_transpose")
     m = vlfast.nn.ConvTranspose2d(4, 3, 2, stride=2)
     x = torch.randn(1, 4, 3, 3)
-    ct_module._PLANS.clear()
+    ct_module.OP.plans.clear()
     with torch.no_grad():
         y1 = m(x)
         y2 = m(x)
-    assert len(ct_module._PLANS) == 1 and torch.equal(y1, y2)
+    assert len(ct_module.OP.plans) == 1 and torch.equal(y1, y2)

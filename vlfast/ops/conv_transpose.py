@@ -17,7 +17,6 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
 from ..reference import conv_transpose as ref
 from . import _dispatch, _overrides
 from ._common import ACT_CODE, ACT_NAME, memory_format

@@ -2,7 +2,8 @@
 vlfast/reference/conv_transpose.py). The custom op, its autograd and the checks live in
 vlfast/ops/conv_transpose.py; :func:`conv_transpose2d_into` is its Triton backend.
 
-Kernels, chosen from the geometry (``kernel_for``; ``kernel=`` forces one):
+Kernels, chosen from the geometry (``kernel_for``; the private knob ``conv_transpose_kernel`` of
+vlfast/ops/_overrides.py forces one, for tests and benchmark probes):
 
 - dilation 1 where padded zero taps are at most half the work ("subpixel"): one GEMM over output
   cells whose epilogue scatters each cell's s_h x s_w block (the U-Net up-conv k == s is its
@@ -15,14 +16,13 @@ Kernels, chosen from the geometry (``kernel_for``; ``kernel=`` forces one):
 - everything else ("phase"): the phase (sub-pixel) kernel, all s_h*s_w phases in one launch, with
   the same channels_last rule.
 
+Tile rules, the TF32 rule and the weight arrangements are the implicit-GEMM host side, vlfast/ops/igemm.py.
 The re-arranged weights are cached per weight tensor and version (``arranged_weight``): an in-place
 update (optimizer step, load_state_dict) makes a new version and is seen at the next call.
 """
 
 import functools
 import math
-import weakref
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -30,101 +30,13 @@ from torch import Tensor
 
 from .. import backends
 from ..reference.conv_transpose import ACTIVATIONS, activate
+from . import _overrides
 from ._common import cdiv, num_sms, pow2
+from .igemm import arranged_weight, backward_config, clamp_pow2, phase_config, precision, subpixel_config
+
+__all__ = ["conv_transpose2d_into", "plan_into", "conv_transpose2d_backward", "kernel_for", "precision"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_WT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_WT_CACHE_SIZE = 32
-
-
-def _clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, pow2(n)))
-
-
-def precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot's input_precision: TF32 for float32 only where PyTorch's convolutions may use it."""
-    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cudnn.allow_tf32):
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit inputs
-
-
-# Problems below this many multiply-adds share one small tile config: one compile serves them all.
-SMALL_MACS = 1 << 24
-SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
-
-
-def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool = True) -> dict:
-    """Tiles of conv_transpose2d_subpixel_kernel: M = N*cells rows, n_cols = s_h*s_w*Cout/G columns,
-    K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps). ``wide`` allows
-    256-column tiles: only for one tap and no crop, with a channel-contiguous or row-segment store
-    (compiled for sm_90 with Triton 3.6, 2026-11-26: 198-242 registers and no spills there; with two
-    taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not)."""
-    if backends.interpret_mode():
-        return _interpreter_tiles(m, n_cols)
-    if m * n_cols * k < SMALL_MACS:
-        return dict(SMALL)
-    if wide and dtype != torch.float32 and m >= 4096 and n_cols >= 256 and cin_g >= 256:
-        # The best of the plain-pointer configs on the U-Net up-conv's GEMM (8192x2048x1024) and a 3x3 conv's
-        # (32768x256x2304) in the shared H100 Triton probe: 538 and 453 TF/s against 498-508 and 420 for 128x128.
-        # Not below K = 256: a short K loop leaves one 256-column tile an SM mostly storing (unmeasured).
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return _tiles(m, 128 if n_cols >= 128 else _clamp_pow2(n_cols, 16, 64), cin_g, dtype)
-
-
-def phase_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
-    """Tiles of conv_transpose2d_phase_kernel: M = a phase's N*TH*TW output pixels, N = Cout/G, K = taps x Cin/G."""
-    if backends.interpret_mode():
-        return _interpreter_tiles(m, cout_g)
-    if m * cout_g * cin_g < SMALL_MACS:
-        return dict(SMALL)
-    return _tiles(m, _clamp_pow2(cout_g, 16, 128), cin_g, dtype)
-
-
-def _tiles(m: int, block_n: int, k_chunk: int, dtype: torch.dtype) -> dict:
-    """The tile rule the GEMMs share: 128 rows from 4096 on; K chunks of up to 32 (fp32) or 64 (16-bit)
-    elements, never longer than ``k_chunk``; 8 warps for 128 columns; more pipeline stages in 16-bit."""
-    fp32 = dtype == torch.float32
-    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=_clamp_pow2(k_chunk, 16, 32 if fp32 else 64),
-                GROUP_M=8, num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
-
-
-def _interpreter_tiles(m: int, n: int) -> dict:
-    """One small tile shape under the interpreter (CPU tests): few compiles, quick numpy."""
-    return dict(BLOCK_M=_clamp_pow2(m, 16, 64), BLOCK_N=_clamp_pow2(n, 16, 32), BLOCK_K=16, GROUP_M=4, num_warps=4,
-                num_stages=1)
-
-
-def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> Tensor:
-    """The weight arranged for a kernel, contiguous; cached per weight tensor and version.
-
-    weight (Cin, Cout/G, KH, KW). ``order``: "taps" -> (G, KH, KW, Cin/G, Cout/G), one matrix per tap
-    (phase kernel); "subpixel_co" / "subpixel_rw" -> (G, TH*TW*Cin/G, SH*SW*Cout/G) with rows
-    (th, tw, ci) and columns (rh, rw, co) / (rh, co, rw), entry w[ci, co, rh + th*SH, rw + tw*SW] or 0
-    past the kernel, TH = ceil(KH/SH), TW = ceil(KW/SW) (sub-pixel kernel).
-    """
-    key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
-           groups, order, tuple(stride))
-    hit = _WT_CACHE.get(key)
-    if hit is not None and hit[0]() is weight:
-        _WT_CACHE.move_to_end(key)
-        return hit[1]
-    cin, cout_g, kh, kw = weight.shape
-    w = weight.detach().reshape(groups, cin // groups, cout_g, kh, kw)
-    if order == "taps":
-        wt = w.permute(0, 3, 4, 1, 2).contiguous()
-    else:
-        (sh, sw), (th, tw) = stride, (cdiv(kh, stride[0]), cdiv(kw, stride[1]))
-        w = torch.nn.functional.pad(w, (0, tw * sw - kw, 0, th * sh - kh))  # zero taps past the kernel
-        w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)       # kh = t*SH + r
-        dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
-        wt = w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()
-    try:
-        _WT_CACHE[key] = (weakref.ref(weight), wt)
-    except TypeError:  # a tensor subclass without weak references: no caching
-        return wt
-    while len(_WT_CACHE) > _WT_CACHE_SIZE:
-        _WT_CACHE.popitem(last=False)
-    return wt
 
 
 def kernel_for(kernel_size, stride, dilation) -> str:
@@ -172,24 +84,23 @@ def _fill_uncovered(out: Tensor, bias: Optional[Tensor], activation: int, row0: 
 
 
 def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                          output_padding, groups: int, dilation, activation: int, *,
-                          kernel: Optional[str] = None) -> Tensor:
+                          output_padding, groups: int, dilation, activation: int) -> Tensor:
     """Write ``act(F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation))``
     into ``out`` and return it.
 
     x: (N, Cin, H, W), any strides; weight: (Cin, Cout/groups, KH, KW); bias: (Cout,) or None;
     out: (N, Cout, OH, OW) with any strides (e.g. a channel slice of a concat buffer), x's dtype;
-    float32/float16/bfloat16; activation: 0 none, 1 silu, 2 relu, 3 gelu (erf). ``kernel``:
-    "subpixel" (dilation 1 only) or "phase" forces a kernel (tests, benchmarks); default
-    :func:`kernel_for`. Arguments are assumed checked (vlfast.ops.conv_transpose.conv_transpose2d does it).
+    float32/float16/bfloat16; activation: 0 none, 1 silu, 2 relu, 3 gelu (erf). The kernel is
+    :func:`kernel_for`'s, or the ``conv_transpose_kernel`` override's ("subpixel", dilation 1 only, or
+    "phase"; tests, benchmarks). Arguments are assumed checked (vlfast.ops.conv_transpose.conv_transpose2d
+    does it).
     """
-    run = plan_into(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation,
-                    kernel=kernel)
+    run = plan_into(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
     return run(out, x, weight, bias)
 
 
 def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, output_padding,
-              groups: int, dilation, activation: int, *, kernel: Optional[str] = None):
+              groups: int, dilation, activation: int):
     """Everything :func:`conv_transpose2d_into` works out from the tensors' metadata (kernel, cells, tiles,
     layouts, launch arguments), as ``run(out, x, weight, bias) -> out``, valid for any tensors with the
     same shapes, strides, dtypes and device as these; the op caches it per geometry. ``run`` still looks up
@@ -202,7 +113,7 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     cout, oh, ow = out.shape[1:]
     _, cout_g, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    kernel = kernel or kernel_for((kh, kw), stride, dilation)
+    kernel = _overrides.get("conv_transpose_kernel") or kernel_for((kh, kw), stride, dilation)
     if kernel not in ("subpixel", "phase") or (kernel == "subpixel" and (dh, dw) != (1, 1)):
         raise ValueError(f"kernel must be 'phase' or, for dilation 1, 'subpixel'; got {kernel!r}")
     cin_g = cin // groups
@@ -289,14 +200,6 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     return run_phase
 
 
-def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Tiles of the two backward GEMMs: M rows, N columns, K the reduction (no grouped order: GROUP_M is the
-    dgrad launcher's)."""
-    cfg = _interpreter_tiles(m, n) if backends.interpret_mode() else _tiles(m, _clamp_pow2(n, 16, 128), k, dtype)
-    del cfg["GROUP_M"]
-    return cfg
-
-
 def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, groups: int,
                               needs: tuple[bool, bool]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(dx, dweight) of ``F.conv_transpose2d(x, weight, stride=stride, padding=padding, groups=groups)`` at
@@ -332,7 +235,7 @@ def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, p
         if needs[1]:
             rows, cols, cells = th * tw * cin_g, sh * sw * cout_g, n * n_ch * n_cw
             cfg = backward_config(rows, cols, cells, x.dtype)
-            cfg["BLOCK_M"] = _clamp_pow2(rows, 16, cfg["BLOCK_M"])
+            cfg["BLOCK_M"] = clamp_pow2(rows, 16, cfg["BLOCK_M"])
             tiles = cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg["BLOCK_N"]) * groups
             # Enough programs to fill the GPU: split the cells, each split a float32 partial.
             split = max(1, min(cdiv(2 * num_sms(x.device), tiles), cdiv(cells, 4 * cfg["BLOCK_K"])))

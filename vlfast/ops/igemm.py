@@ -1,0 +1,119 @@
+"""Host side of the implicit-GEMM convolution kernels (the core: vlfast/kernels/igemm.py): the tile rules,
+the TF32 rule and the weight arrangements with their cache, shared by the launchers of the convolution
+ops (today vlfast/ops/conv_transpose_triton.py).
+
+Tiles are chosen from the GEMM's shape (M rows, N columns, K = taps x Cin/G) and dtype: one small config
+below :data:`SMALL_MACS`, else :func:`tiles`; under Triton's interpreter one small shape
+(:func:`interpreter_tiles`). A weight is arranged once per weight version (:func:`arranged_weight`).
+"""
+
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._common import cdiv, pow2
+
+_WT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_WT_CACHE_SIZE = 32
+
+# Problems below this many multiply-adds share one small tile config: one compile serves them all.
+SMALL_MACS = 1 << 24
+SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def clamp_pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, pow2(n)))
+
+
+def precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot's input_precision: TF32 for float32 only where PyTorch's convolutions may use it."""
+    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for 16-bit inputs
+
+
+def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool = True) -> dict:
+    """Tiles of conv_transpose2d_subpixel_kernel: M = N*cells rows, n_cols = s_h*s_w*Cout/G columns,
+    K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps). ``wide`` allows
+    256-column tiles: only for one tap and no crop, with a channel-contiguous or row-segment store
+    (compiled for sm_90 with Triton 3.6, 2026-11-26: 198-242 registers and no spills there; with two
+    taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not)."""
+    if backends.interpret_mode():
+        return interpreter_tiles(m, n_cols)
+    if m * n_cols * k < SMALL_MACS:
+        return dict(SMALL)
+    if wide and dtype != torch.float32 and m >= 4096 and n_cols >= 256 and cin_g >= 256:
+        # The best of the plain-pointer configs on the U-Net up-conv's GEMM (8192x2048x1024) and a 3x3 conv's
+        # (32768x256x2304) in the shared H100 Triton probe: 538 and 453 TF/s against 498-508 and 420 for 128x128.
+        # Not below K = 256: a short K loop leaves one 256-column tile an SM mostly storing (unmeasured).
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return tiles(m, 128 if n_cols >= 128 else clamp_pow2(n_cols, 16, 64), cin_g, dtype)
+
+
+def phase_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
+    """Tiles of conv_transpose2d_phase_kernel (and of any GEMM whose columns are Cout/G output channels):
+    M = N*pixels rows, N = Cout/G, K = taps x Cin/G."""
+    if backends.interpret_mode():
+        return interpreter_tiles(m, cout_g)
+    if m * cout_g * cin_g < SMALL_MACS:
+        return dict(SMALL)
+    return tiles(m, clamp_pow2(cout_g, 16, 128), cin_g, dtype)
+
+
+def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Tiles of the transposed convolution's two backward GEMMs: M rows, N columns, K the reduction (no
+    grouped order: GROUP_M is the dgrad launcher's)."""
+    cfg = interpreter_tiles(m, n) if backends.interpret_mode() else tiles(m, clamp_pow2(n, 16, 128), k, dtype)
+    del cfg["GROUP_M"]
+    return cfg
+
+
+def tiles(m: int, block_n: int, k_chunk: int, dtype: torch.dtype) -> dict:
+    """The tile rule the GEMMs share: 128 rows from 4096 on; K chunks of up to 32 (fp32) or 64 (16-bit)
+    elements, never longer than ``k_chunk``; 8 warps for 128 columns; more pipeline stages in 16-bit."""
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_M=128 if m >= 4096 else 64, BLOCK_N=block_n, BLOCK_K=clamp_pow2(k_chunk, 16, 32 if fp32 else 64),
+                GROUP_M=8, num_warps=8 if block_n == 128 else 4, num_stages=3 if fp32 else 4)
+
+
+def interpreter_tiles(m: int, n: int) -> dict:
+    """One small tile shape under the interpreter (CPU tests): few compiles, quick numpy."""
+    return dict(BLOCK_M=clamp_pow2(m, 16, 64), BLOCK_N=clamp_pow2(n, 16, 32), BLOCK_K=16, GROUP_M=4, num_warps=4,
+                num_stages=1)
+
+
+def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> Tensor:
+    """The weight arranged for a kernel, contiguous; cached per weight tensor and version.
+
+    weight (Cin, Cout/G, KH, KW). ``order``: "taps" -> (G, KH, KW, Cin/G, Cout/G), one matrix per tap
+    (phase kernel); "subpixel_co" / "subpixel_rw" -> (G, TH*TW*Cin/G, SH*SW*Cout/G) with rows
+    (th, tw, ci) and columns (rh, rw, co) / (rh, co, rw), entry w[ci, co, rh + th*SH, rw + tw*SW] or 0
+    past the kernel, TH = ceil(KH/SH), TW = ceil(KW/SW) (sub-pixel kernel).
+    """
+    key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
+           groups, order, tuple(stride))
+    hit = _WT_CACHE.get(key)
+    if hit is not None and hit[0]() is weight:
+        _WT_CACHE.move_to_end(key)
+        return hit[1]
+    cin, cout_g, kh, kw = weight.shape
+    w = weight.detach().reshape(groups, cin // groups, cout_g, kh, kw)
+    if order == "taps":
+        wt = w.permute(0, 3, 4, 1, 2).contiguous()
+    else:
+        (sh, sw), (th, tw) = stride, (cdiv(kh, stride[0]), cdiv(kw, stride[1]))
+        w = torch.nn.functional.pad(w, (0, tw * sw - kw, 0, th * sh - kh))  # zero taps past the kernel
+        w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)       # kh = t*SH + r
+        dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
+        wt = w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()
+    try:
+        _WT_CACHE[key] = (weakref.ref(weight), wt)
+    except TypeError:  # a tensor subclass without weak references: no caching
+        return wt
+    while len(_WT_CACHE) > _WT_CACHE_SIZE:
+        _WT_CACHE.popitem(last=False)
+    return wt
