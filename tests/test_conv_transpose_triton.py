@@ -31,7 +31,7 @@ def test_each_kernel(i, kernel, layouts, dtype):
     """Both Triton kernels on every geometry they take (not only the one ``kernel_for`` picks), into a
     poisoned output whose layout may differ from the input's."""
     from vlfast.ops import _overrides
-    from vlfast.ops._common import ACT_CODE
+    from vlfast.activations import CODE as ACT_CODE
     from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
     device = triton_device()
     skip_unsupported(device, "triton", dtype)

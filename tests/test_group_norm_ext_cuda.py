@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlfast.ops import _overrides
-from vlfast.ops._common import ACT_CODE
+from vlfast.activations import CODE as ACT_CODE
 from vlfast.reference.group_norm import group_norm as reference
 from vlfast.testing import assert_close, assert_low_precision_close
 

@@ -29,18 +29,19 @@ G = 32  # as vlfast.bench.group_norm
 
 
 def forced_group_norm(pattern, **knobs):
-    """The Triton GroupNorm forward of ``pattern`` ("ddpm" or "adm") under ``knobs`` of vlfast.ops._overrides
-    (e.g. ``group_norm_single_max=0``: the split path)."""
-    from vlfast.ops.group_norm_triton import group_norm_fwd
+    """The Triton GroupNorm forward of ``pattern`` ("ddpm" or "adm") planned under ``knobs`` of
+    vlfast.ops._overrides (e.g. ``group_norm_single_max=0``: the split path). Planned at the first call and
+    reused, as the op reuses its plans: a timed call only launches, like the vlfast rows beside it."""
+    from vlfast.ops.group_norm_triton import plan_fwd
+    plan = []
 
-    def ddpm(x, w, b, temb, scale, shift):
-        with _overrides.use(**knobs):
-            return group_norm_fwd(x, G, w, b, 1e-5, temb, None, None, "silu")[0]
-
-    def adm(x, w, b, temb, scale, shift):
-        with _overrides.use(**knobs):
-            return group_norm_fwd(x, G, w, b, 1e-5, None, scale, shift, "silu")[0]
-    return ddpm if pattern == "ddpm" else adm
+    def run(x, w, b, temb, scale, shift):
+        add, scale, shift = (temb, None, None) if pattern == "ddpm" else (None, scale, shift)
+        if not plan:
+            with _overrides.use(**knobs):
+                plan.append(plan_fwd(x, G, w, b, add, scale, shift, "silu"))
+        return plan[0](x, w, b, 1e-5, add, scale, shift)[0]
+    return run
 
 
 def group_norm(*, pattern, device, channels_last, runnable, **_):
@@ -63,21 +64,24 @@ def conv_transpose(*, geo, args, device, names, **_):
         return {}
     if kernel_for((k, k), (s, s), (1, 1)) != "subpixel":
         return {}
-    return {"vlfast-triton-phase": functools.partial(_phase_probe, args=args)}  # the kernel it replaced
+    return {"vlfast-triton-phase": functools.partial(_phase_probe, args=args, plan=[])}  # the kernel it replaced
 
 
-def _phase_probe(x, w, b, args):
-    """The phase kernel forced on a geometry where the sub-pixel kernel runs by default (v1 against v2)."""
+def _phase_probe(x, w, b, args, plan: list):
+    """The phase kernel forced on a geometry where the sub-pixel kernel runs by default (v1 against v2),
+    planned once per case (``plan``: the case's list, empty until its first call), like the op's own calls."""
     from vlfast.ops._common import memory_format
     from vlfast.ops.conv_transpose import output_shape
-    from vlfast.ops.conv_transpose_triton import conv_transpose2d_into
+    from vlfast.ops.conv_transpose_triton import plan_into
     shape = output_shape(x.shape, w.shape, (args["stride"],) * 2, (args["padding"],) * 2,
                          (args["output_padding"],) * 2, 1, (1, 1))
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    pair = lambda v: (v, v)  # noqa: E731
-    with _overrides.use(conv_transpose_kernel="phase"):
-        return conv_transpose2d_into(out, x, w, b, pair(args["stride"]), pair(args["padding"]),
-                                     pair(args["output_padding"]), 1, (1, 1), 0)
+    if not plan:
+        pair = lambda v: (v, v)  # noqa: E731
+        with _overrides.use(conv_transpose_kernel="phase"):
+            plan.append(plan_into(out, x, w, b, pair(args["stride"]), pair(args["padding"]),
+                                  pair(args["output_padding"]), 1, (1, 1), 0))
+    return plan[0](out, x, w, b)
 
 
 # op -> the ``extra`` factory of vlfast.bench.run / vlfast.bench.<op>.cases

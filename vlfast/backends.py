@@ -132,6 +132,17 @@ def _op_reasons(name: str, op: str, direction: str) -> tuple[str, ...]:
     return ()
 
 
+def _reasons(name: str, op: str | None, direction: str, device: torch.device | None,
+             dtype: torch.dtype | None) -> list[str]:
+    """What the device, the build, the op's declaration and the dtype say, whatever the rest of the inputs."""
+    reasons = list(_device_reasons(name, torch.device(device).type)) if device is not None else []
+    if op is not None:
+        reasons += _op_reasons(name, op, direction)
+    if name != "reference" and dtype is not None and dtype not in KERNEL_DTYPES:
+        reasons.append(f"the {name} kernels take float32, float16 or bfloat16, got {dtype}")
+    return reasons
+
+
 def not_supported_reasons(name: str, op: str | None = None, inputs=None, direction: str = "forward", *,
                           device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[str]:
     """Every reason backend ``name`` cannot run ``direction`` of ``op`` on ``inputs`` (empty: it can).
@@ -140,14 +151,10 @@ def not_supported_reasons(name: str, op: str | None = None, inputs=None, directi
     carries the device and dtype. Without it, ``device`` (and ``dtype``) give the answer for any input on
     that device: the device, the build and the op's declaration, but no input-dependent limit.
     """
-    if inputs is not None:
-        device, dtype = inputs.device, inputs.dtype
-    reasons = list(_device_reasons(name, torch.device(device).type)) if device is not None else []
-    if op is not None:
-        reasons += _op_reasons(name, op, direction)
-    if name != "reference" and dtype is not None and dtype not in KERNEL_DTYPES:
-        reasons.append(f"the {name} kernels take float32, float16 or bfloat16, got {dtype}")
-    if op is not None and inputs is not None and name in OPS[op].backends(direction):
+    if inputs is None:
+        return _reasons(name, op, direction, device, dtype)
+    reasons = _reasons(name, op, direction, inputs.device, inputs.dtype)
+    if op is not None and name in OPS[op].backends(direction):
         reasons += OPS[op].limits(name, direction, inputs)
     return reasons
 
@@ -166,10 +173,7 @@ def _choose(op: str, direction: str, device: torch.device, dtype: torch.dtype, b
     decl = OPS[op]
 
     def reasons(name):
-        return (list(_device_reasons(name, device.type)) + list(_op_reasons(name, op, direction))
-                + ([f"the {name} kernels take float32, float16 or bfloat16, got {dtype}"]
-                   if name != "reference" and dtype not in KERNEL_DTYPES else [])
-                + list(limit.get(name, ())))
+        return _reasons(name, op, direction, device, dtype) + list(limit.get(name, ()))
 
     fwd, _, bwd = request.partition("+")
     forced = fwd if direction == "forward" else bwd or fwd

@@ -2,11 +2,9 @@
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from .activations import NAMES as ACTIVATIONS
-from .activations import activate
+from .activations import activate, code
 from .ops.conv_transpose import conv_transpose2d
 from .ops.group_norm import group_norm
 
@@ -22,8 +20,7 @@ class GroupNorm(nn.GroupNorm):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, activation: Optional[str] = None):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        code(activation)  # ValueError for an unknown one
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.activation = activation
 
@@ -49,8 +46,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
                  groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None,
                  dtype=None, *, activation: Optional[str] = None):
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        code(activation)  # ValueError for an unknown one
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, padding_mode, device=device, dtype=dtype)
         self.activation = activation

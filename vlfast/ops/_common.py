@@ -1,15 +1,9 @@
-"""What the ops' Python layers share: the activation codes of the kernels, the output memory format,
-and the integer arithmetic of launch grids."""
+"""What the ops' Python layers share: the output memory format and the integer arithmetic of launch grids."""
 
 import functools
 
 import torch
 from torch import Tensor
-
-# The activation argument as the kernels take it: name -> code and code -> name, from the one table
-# (vlfast/activations.py: 0 none, 1 SiLU, 2 ReLU, 3 GELU (erf)).
-from ..activations import CODE as ACT_CODE
-from ..activations import NAME as ACT_NAME
 
 
 def memory_format(x: Tensor) -> torch.memory_format:

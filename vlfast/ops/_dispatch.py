@@ -148,10 +148,6 @@ class Op:
     def trace(self, inputs, choice: Choice):
         raise NotImplementedError
 
-    def context(self) -> tuple:
-        """Global settings a plan depends on besides the arguments (part of the cache key)."""
-        return ()
-
     # ---- written once
     def backends(self, direction: str) -> tuple[str, ...]:
         return self.forward_backends if direction == "forward" else self.backward_backends
@@ -179,7 +175,7 @@ class Op:
         if not _overrides.active():
             geometry = _geometry(args, self.values_only)
             if geometry is not None:
-                key = (geometry, grad, backend, backends.requested(), self.context())
+                key = (geometry, grad, backend, backends.requested())
                 try:
                     hit = self.plans.get(key)
                 except TypeError:  # an unhashable argument: the checked path says what is wrong with it

@@ -18,8 +18,11 @@ import torch
 from torch import Tensor
 
 from ..reference import conv_transpose as ref
+from ..activations import CODE as ACT_CODE
+from ..activations import NAME as ACT_NAME
+from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import ACT_CODE, ACT_NAME, memory_format
+from ._common import memory_format
 
 _aten = torch.ops.aten
 
@@ -172,8 +175,8 @@ class Inputs(NamedTuple):
 
 class ConvTranspose2d(_dispatch.Op):
     name = "conv_transpose2d"
-    forward_backends = ("reference", "triton")
-    backward_backends = ("reference", "triton")
+    forward_backends = tuple(FWD)
+    backward_backends = ("reference", "triton")  # see _backward
 
     def check(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
               out) -> Inputs:
@@ -207,8 +210,6 @@ class ConvTranspose2d(_dispatch.Op):
         if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
             raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
                              f"{output_padding}, stride={stride}, dilation={dilation}")
-        if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
-            raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
         unbatched = input.dim() == 3
         x = input.unsqueeze(0) if unbatched else input
         shape = output_shape(x.shape, weight.shape, stride, padding, output_padding, groups, dilation)
@@ -223,7 +224,7 @@ class ConvTranspose2d(_dispatch.Op):
             if list(out.shape) != want:
                 raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(want)}")
             dst = out.unsqueeze(0) if unbatched else out
-        return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, ACT_CODE[activation], dst,
+        return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, activation_code(activation), dst,
                       unbatched, shape, x.device, x.dtype)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:

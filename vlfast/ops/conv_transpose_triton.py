@@ -36,7 +36,6 @@ from .igemm import arranged_weight, backward_config, clamp_pow2, phase_config, p
 
 __all__ = ["conv_transpose2d_into", "plan_into", "conv_transpose2d_backward", "kernel_for", "precision"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_for(kernel_size, stride, dilation) -> str:
@@ -107,8 +106,8 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     the arranged weight each call (cached per weight version: an in-place update is seen)."""
     from vlfast.kernels.conv_transpose import conv_transpose2d_phase_kernel, conv_transpose2d_subpixel_kernel
 
-    if x.dtype not in DTYPES:
-        raise TypeError(f"the Triton conv_transpose2d takes {DTYPES}, got {x.dtype}")
+    if x.dtype not in backends.KERNEL_DTYPES:
+        raise TypeError(f"the Triton conv_transpose2d takes {backends.KERNEL_DTYPES}, got {x.dtype}")
     n, cin, h, w = x.shape
     cout, oh, ow = out.shape[1:]
     _, cout_g, kh, kw = weight.shape

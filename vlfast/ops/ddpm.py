@@ -196,7 +196,7 @@ class Inputs(NamedTuple):
 
 class DdpmStep(_dispatch.Op):
     name = "ddpm_step"
-    forward_backends = backends.BACKENDS
+    forward_backends = tuple(_IMPLS)
     extension_ops = {"forward": ("ddpm_step_kernel",)}
     values_only = frozenset({3, 7, 10, 11, 12})  # timestep, clip, generator, seed, offset: checked per call
 

@@ -17,8 +17,10 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import group_norm as ref
+from ..activations import NAME as ACT_NAME
+from ..activations import code as activation_code
 from . import _dispatch
-from ._common import ACT_CODE, ACT_NAME, memory_format
+from ._common import memory_format
 
 
 # ---------------------------------------------------------------- backends
@@ -71,7 +73,6 @@ def _bwd_cuda(dy, x, num_groups, weight, bias, eps, add, scale, shift, activatio
 FWD = {"reference": _fwd_reference, "triton": _fwd_triton, "cuda": _fwd_extension, "cpp": _fwd_extension}
 # No cpp backward: on the CPU the reference's runs (the CPU forward is for inference).
 BWD = {"reference": _bwd_reference, "triton": _bwd_triton, "cuda": _bwd_cuda}
-
 
 
 # ---------------------------------------------------------------- custom ops
@@ -169,8 +170,8 @@ def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
 
 class GroupNorm(_dispatch.Op):
     name = "group_norm"
-    forward_backends = ("reference", "triton", "cuda", "cpp")
-    backward_backends = ("reference", "triton", "cuda")
+    forward_backends = tuple(FWD)
+    backward_backends = tuple(BWD)
     extension_ops = {"forward": ("group_norm_fwd_kernel",), "backward": ("group_norm_bwd_kernel",)}
     values_only = frozenset({4})  # eps
 
@@ -186,8 +187,6 @@ class GroupNorm(_dispatch.Op):
         n, c = input.shape[:2]
         if c % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
-        if not (activation is None or isinstance(activation, str)) or activation not in ACT_CODE:
-            raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
         for name, t in (("weight", weight), ("bias", bias)):
             _check_param(name, t, (c,), input)
         for name, t in (("add", add), ("scale", scale), ("shift", shift)):
@@ -195,7 +194,7 @@ class GroupNorm(_dispatch.Op):
         x = input
         if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
             x = input.contiguous()
-        return Inputs(x, num_groups, weight, bias, add, scale, shift, float(eps), ACT_CODE[activation],
+        return Inputs(x, num_groups, weight, bias, add, scale, shift, float(eps), activation_code(activation),
                       x is not input, x.device, x.dtype)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:

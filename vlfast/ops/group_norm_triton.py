@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from . import _overrides
-from ._common import ACT_CODE, cdiv, num_sms, pow2
+from ..activations import code as activation_code
+from ..backends import KERNEL_DTYPES
+from ._common import cdiv, num_sms, pow2
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
 SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
 # A group this large with fewer than 2 * SMs (sample, group) programs takes the split path.
@@ -46,12 +47,11 @@ def single_pass_max(dtype: torch.dtype, backward: bool = False) -> int:
 
 def _check(x: Tensor, num_groups: int, activation) -> tuple[int, int, int, int]:
     """(N, C, G, S) after the checks the kernels rely on."""
-    if x.dtype not in DTYPES:
-        raise TypeError(f"the Triton group_norm takes {DTYPES}, got {x.dtype}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton group_norm takes {KERNEL_DTYPES}, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"input must be (N, C, *), got shape {tuple(x.shape)}")
-    if activation not in ACT_CODE:
-        raise ValueError(f"activation must be one of {tuple(ACT_CODE)}, got {activation!r}")
+    activation_code(activation)  # ValueError for an unknown one
     n, c = x.shape[:2]
     if num_groups <= 0 or c % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the {c} channels")
@@ -240,7 +240,7 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
         return lambda x, *rest: inner(x.contiguous(), *rest)
     stride_n, stride_c, stride_s = x_strides
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
-    act = ACT_CODE[activation]
+    act = activation_code(activation)
     cpg = c // g
     group_size = float(cpg * s)
 
@@ -347,7 +347,7 @@ def group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tens
     cpg = c // g
     flags, (w, b, add, scale, shift), (stride_an, stride_scn, stride_shn) = _params(
         weight, bias, add, scale, shift, n, c, x)
-    act = ACT_CODE[activation]
+    act = activation_code(activation)
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     params = (w, b, add, scale, shift)
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
