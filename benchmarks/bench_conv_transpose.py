@@ -8,25 +8,16 @@ The second table gives TFLOP/s and the % of a bf16 matmul rate measured in the s
 ``--probes`` adds the tuning probes of tools/probes.py (the phase kernel forced) on a GPU.
 """
 
-import os
-import sys
-
+import _probes
 from vlfast import bench as vb
 from vlfast.bench.conv_transpose import flops_table, matmul_tflops
 
 
-def probes(op):
-    """The ``extra`` factory of tools/probes.py for ``op`` (the repository's tools are not installed)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from tools.probes import EXTRA
-    return EXTRA[op]
-
-
 def main():
     p = vb.parser(__doc__)
-    p.add_argument("--probes", action="store_true", help="also time the tuning probes of tools/probes.py")
+    _probes.add_option(p)
     args = p.parse_args()
-    rows = vb.script("conv_transpose", args, extra=probes("conv_transpose") if args.probes else None)
+    rows = vb.script("conv_transpose", args, extra=_probes.extra("conv_transpose", args))
     if args.device == "cuda":
         print(f"measured bf16 matmul 8192^3: {matmul_tflops('cuda'):.0f} TFLOP/s")
     print(flops_table(rows))

@@ -77,7 +77,6 @@ def _set_cuda_path(path) -> None:
         from vlfast import _C  # noqa: F401 - loads the ops
     except ImportError:
         return  # no extension: no CUDA kernels to force
-    import torch
     setter = getattr(torch.ops.vlfast, "group_norm_set_cuda_path", None)
     if setter is None:
         raise RuntimeError("vlfast._C has no group_norm_set_cuda_path: it predates the knob, rebuild it "
