@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vlfast
 from vlfast import backends
-from vlfast.ops import _dispatch, _overrides, ddpm
+from vlfast.ops import _dispatch, _overrides, ddpm, ddpm_triton
 from vlfast.testing import assert_close
 from vlfast.testing import ddpm_coef as make_coef
 
@@ -189,7 +189,7 @@ def test_conv_transpose_limits():
 
 
 def test_ddpm_grid_limit_falls_back_under_auto_and_is_listed_when_forced(monkeypatch):
-    monkeypatch.setattr(ddpm, "MAX_GRID_Y", 1)  # 1 block per sample: a sample of 2048 elements is too large
+    monkeypatch.setattr(ddpm_triton, "MAX_GRID_Y", 1)  # 1 block per sample: a sample of 2048 elements is too large
     sample = torch.randn(2, 2048)
     with pytest.raises(RuntimeError, match="grid") as err:
         ddpm.fused_step(sample, sample, make_coef(), 3, backend="triton")
@@ -202,7 +202,7 @@ def test_ddpm_grid_limit_falls_back_under_auto_and_is_listed_when_forced(monkeyp
 
 
 def test_a_forced_backend_lists_every_reason(monkeypatch):
-    monkeypatch.setattr(ddpm, "MAX_GRID_Y", 1)
+    monkeypatch.setattr(ddpm_triton, "MAX_GRID_Y", 1)
     sample = torch.randn(2, 2048, dtype=torch.float64)
     inputs = ddpm.OP.check(sample, None, make_coef(), 3, None, None, None, None, 0, False, None, None, 0, None,
                            True, False)

@@ -1,4 +1,4 @@
-"""The fused DDPM/DDIM update as a torch custom op, with its launchers.
+"""The fused DDPM/DDIM update as a torch custom op (its Triton launcher: ``ddpm_triton.py``).
 
 ``torch.ops.vlfast.ddpm_step`` takes the backend as its last argument; the
 Python entry :func:`fused_step` checks the inputs, settles the layout, draws a
@@ -12,61 +12,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
 from ..reference import ddpm as ref
-from . import _dispatch
-from ._common import cdiv
+from . import _dispatch, ddpm_triton
 
 _INF = float("inf")
-
-
-# ---------------------------------------------------------------- Triton launcher
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (the blocks of one sample)
-
-
-def _block_for(per_sample: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): 16 elements a thread on large samples, fewer programs idle on small ones."""
-    if per_sample >= 1 << 16:
-        return 4096, 8
-    if per_sample >= 4096:
-        return 2048, 4
-    return 1024, 4
-
-
-def _ddpm_step_triton(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
-                      var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise):
-    from vlfast.kernels.ddpm import ddpm_step_kernel
-
-    batch = sample.shape[0]
-    per_sample = sample.numel() // batch if batch else 0
-    out = torch.empty_like(sample)
-    noise_mode = 1 if noise is not None else (2 if draw_noise else 0)
-    x0 = torch.empty_like(sample) if write_x0 else sample.new_empty((0,))
-    z_out = torch.empty_like(sample) if (write_noise and noise_mode) else sample.new_empty((0,))
-    if batch == 0 or per_sample == 0:
-        return out, x0, z_out
-    block, warps = _block_for(per_sample)
-    grid = (batch, cdiv(per_sample, block))
-    if grid[1] > MAX_GRID_Y:  # OP.limits keeps such inputs away: only a direct call gets here
-        raise ValueError(f"sample has {per_sample} elements per sample; at most {MAX_GRID_Y * block} are supported")
-    # Absent operands are replaced by any valid pointer: the constexpr flags keep them unread.
-    m = model_output if model_output is not None else sample
-    v = variance if variance is not None else sample
-    z = noise if noise is not None else sample
-    t = timesteps if timesteps is not None else coef
-    with backends.device_guard(sample):
-        ddpm_step_kernel[grid](
-            sample, m, v, z, out, x0 if write_x0 else out, z_out if z_out.numel() else out,
-            coef, t, thresh if thresh is not None else coef, rng_state if rng_state is not None else coef,
-            per_sample, m.stride(0), v.stride(0), z.stride(0),
-            (1 if timesteps.shape[0] > 1 else 0) if timesteps is not None else 0,
-            coef.shape[0], timestep, clip if clip != _INF else 0.0, seed, offset,
-            HAS_M=model_output is not None, VAR_MODE=var_mode, NOISE=noise_mode,
-            HAS_STATE=rng_state is not None and noise_mode == 2, T_FROM_PTR=timesteps is not None,
-            CLIP=clip != _INF, THRESH=thresh is not None, WRITE_X0=write_x0, WRITE_NOISE=bool(z_out.numel()),
-            BLOCK=block, num_warps=warps,
-        )
-    return out, x0, z_out
 
 
 # ---------------------------------------------------------------- the custom op
@@ -84,7 +33,7 @@ def _extension_step(*args):
     return torch.ops.vlfast.ddpm_step_kernel(*args)
 
 
-_IMPLS = {"triton": _ddpm_step_triton, "cuda": _extension_step, "cpp": _extension_step,
+_IMPLS = {"triton": ddpm_triton.ddpm_step, "cuda": _extension_step, "cpp": _extension_step,
           "reference": ref.fused_step}
 
 
@@ -213,12 +162,12 @@ class DdpmStep(_dispatch.Op):
         return Inputs(dense, dense is not sample, args, dense.device, dense.dtype)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
-        """The Triton launch puts one sample's blocks on the grid's second axis (at most MAX_GRID_Y)."""
+        """The Triton launch puts one sample's blocks on the grid's second axis."""
         s = inputs.sample
         per_sample = s.numel() // s.shape[0] if s.shape[0] else 0
-        if backend == "triton" and cdiv(per_sample, _block_for(per_sample)[0]) > MAX_GRID_Y:
+        if backend == "triton" and per_sample > ddpm_triton.max_per_sample(per_sample):
             return [f"one sample has {per_sample} elements; the Triton launch takes at most "
-                    f"{MAX_GRID_Y * _block_for(per_sample)[0]} (its grid's second axis)"]
+                    f"{ddpm_triton.max_per_sample(per_sample)} (its grid's second axis)"]
         return []
 
     def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
