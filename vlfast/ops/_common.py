@@ -34,6 +34,25 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def check_tensor(name: str, t, like: Tensor, like_name: str = "input", *, shape=None, same_dtype: bool = True,
+                 required: bool = False) -> None:
+    """The checks of a tensor argument beside an op's main one (``like``), with errors that name it: a
+    floating-point Tensor (None passes unless ``required``), of ``like``'s dtype where ``same_dtype``, on
+    ``like``'s device, of ``shape`` where given."""
+    if t is None and not required:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor{'' if required else ' or None'}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if same_dtype and t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; they must be the same")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
 def plain_tensor(t) -> bool:
     """A torch.Tensor or nn.Parameter (not another subclass): one whose metadata alone decides what an op's
     checks and launch plan conclude, so that a plan may be cached for it."""

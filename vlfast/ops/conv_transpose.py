@@ -22,7 +22,7 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import memory_format
+from ._common import check_tensor, memory_format
 
 _aten = torch.ops.aten
 
@@ -141,15 +141,6 @@ def _pair(v, name: str, low: int) -> list[int]:
     return vals
 
 
-def _check_tensor(name: str, t, x: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but input has {x.dtype}; they must be the same")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
-
-
 class Inputs(NamedTuple):
     """A checked call: x and dst (``out``) batched; the geometry as lists; the activation's code."""
     x: Tensor
@@ -186,7 +177,7 @@ class ConvTranspose2d(_dispatch.Op):
             raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
         if input.dim() not in (3, 4):
             raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
-        _check_tensor("weight", weight, input)
+        check_tensor("weight", weight, input, required=True)
         if weight.dim() != 4:
             raise ValueError(f"weight must be 4-D (in_channels, out_channels/groups, kH, kW), got shape "
                              f"{tuple(weight.shape)}")
@@ -199,10 +190,7 @@ class ConvTranspose2d(_dispatch.Op):
         if cin % groups:
             raise ValueError(f"in_channels={cin} must be divisible by groups={groups}")
         cout = weight.shape[1] * groups
-        if bias is not None:
-            _check_tensor("bias", bias, input)
-            if tuple(bias.shape) != (cout,):
-                raise ValueError(f"bias must have shape ({cout},) (out_channels), got {tuple(bias.shape)}")
+        check_tensor("bias", bias, input, shape=(cout,))
         stride = _pair(stride, "stride", 1)
         padding = _pair(padding, "padding", 0)
         dilation = _pair(dilation, "dilation", 1)
@@ -219,13 +207,10 @@ class ConvTranspose2d(_dispatch.Op):
                              f"kernel {tuple(weight.shape[2:])}")
         dst = None
         if out is not None:
-            _check_tensor("out", out, input)
-            want = shape[1:] if unbatched else shape
-            if list(out.shape) != want:
-                raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(want)}")
+            check_tensor("out", out, input, shape=shape[1:] if unbatched else shape)
             dst = out.unsqueeze(0) if unbatched else out
-        return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, activation_code(activation), dst,
-                      unbatched, shape, x.device, x.dtype)
+        return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, activation_code(activation),
+                      dst, unbatched, shape, x.device, x.dtype)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
         """The Triton kernels index one sample (and the weight) with int32 and the batch's rows (output cells

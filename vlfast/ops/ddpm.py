@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..reference import ddpm as ref
 from . import _dispatch, ddpm_triton
+from ._common import check_tensor
 
 _INF = float("inf")
 
@@ -53,20 +54,6 @@ def _dense(t: Tensor) -> bool:
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return True
     return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def _check_like(name: str, t: Optional[Tensor], sample: Tensor) -> None:
-    """``t`` must be None or a tensor of sample's shape, device and dtype."""
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.shape != sample.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(sample.shape)} (the sample's)")
-    if t.device != sample.device:
-        raise ValueError(f"{name} is on {t.device} but sample is on {sample.device}")
-    if t.dtype != sample.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but sample has {sample.dtype}")
 
 
 def _like(t: Optional[Tensor], sample: Tensor) -> Optional[Tensor]:
@@ -154,7 +141,7 @@ class DdpmStep(_dispatch.Op):
         check_sample(sample)
         dense = sample if _dense(sample) else sample.contiguous()
         for name, t in (("model_output", model_output), ("variance", variance), ("noise", noise)):
-            _check_like(name, t, dense)
+            check_tensor(name, t, dense, "sample", shape=dense.shape)
         if var_mode != ref.VAR_FIXED and variance is None:
             raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
         args = (sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,

@@ -20,7 +20,7 @@ from ..reference import group_norm as ref
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import memory_format
+from ._common import check_tensor, memory_format
 
 
 # ---------------------------------------------------------------- backends
@@ -155,19 +155,6 @@ class Inputs(NamedTuple):
     dtype: torch.dtype
 
 
-def _check_param(name: str, t, shape: tuple, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
-
-
 class GroupNorm(_dispatch.Op):
     name = "group_norm"
     forward_backends = tuple(FWD)
@@ -188,9 +175,9 @@ class GroupNorm(_dispatch.Op):
         if c % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide the number of channels C={c}")
         for name, t in (("weight", weight), ("bias", bias)):
-            _check_param(name, t, (c,), input)
+            check_tensor(name, t, input, shape=(c,), same_dtype=False)  # parameters may be of another dtype
         for name, t in (("add", add), ("scale", scale), ("shift", shift)):
-            _check_param(name, t, (n, c), input)
+            check_tensor(name, t, input, shape=(n, c), same_dtype=False)
         x = input
         if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
             x = input.contiguous()
