@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlfast.ops import _overrides
 from vlfast.activations import CODE as ACT_CODE
+from vlfast.ops import _overrides
 from vlfast.reference.group_norm import group_norm as reference
 from vlfast.testing import assert_close, assert_low_precision_close
 
