@@ -48,13 +48,13 @@ def run_in_threads(work, count: int) -> list:
 
 
 # ---------------------------------------------------------------- the plan cache
-def test_plan_cache_is_bounded_and_least_recently_used():
+def test_plan_cache_is_bounded_and_drops_the_oldest():
     cache = _dispatch.PlanCache(size=3)
     for k in range(3):
         cache.put(k, k)
-    assert cache.get(0) == 0  # 0 is now the most recent
+    cache.put(0, "again")  # made again: now the newest
     cache.put(3, 3)
-    assert len(cache) == 3 and cache.get(1) is None and cache.get(0) == 0 and cache.get(3) == 3
+    assert len(cache) == 3 and cache.get(1) is None and cache.get(0) == "again" and cache.get(3) == 3
 
 
 def test_plan_cache_from_several_threads():
@@ -100,10 +100,14 @@ def test_overrides_bypass_the_plan_cache():
 
 
 def test_geometry_keys_tell_types_apart():
-    assert _dispatch._geometry((1,)) != _dispatch._geometry((True,))
-    assert _dispatch._geometry(([1, 2],)) != _dispatch._geometry(((1, 2),))
-    assert _dispatch._geometry((object(),)) is None
-    assert _dispatch._geometry((0.5, 7), frozenset({0})) == _dispatch._geometry((0.25, 7), frozenset({0}))
+    def key(values, values_only=frozenset()):
+        return _dispatch._geometry(values, values_only)[0]
+    assert key((1,)) != key((True,))
+    assert key(([1, 2],)) != key(((1, 2),))
+    assert key((object(),)) is None
+    assert key((0.5, 7), frozenset({0})) == key((0.25, 7), frozenset({0}))
+    x = torch.ones(2, requires_grad=True)
+    assert _dispatch._geometry((x, 1))[1] and not _dispatch._geometry((x.detach(), 1))[1]
 
 
 # ---------------------------------------------------------------- the selection rule

@@ -4,8 +4,8 @@ Backends: ``reference`` (plain PyTorch), ``triton`` (kernels/, on CUDA tensors, 
 ``TRITON_INTERPRET=1``), ``cuda`` (the extension's CUDA kernels) and ``cpp`` (the extension's CPU kernels).
 
 The request, first match wins: the ``backend=`` argument of a call, then ``with vlfast.use_backend(name):``,
-then the ``VLFAST_BACKEND`` environment variable, then ``"auto"``. A request names the forward's and the
-backward's backend, the same way for every op:
+then the ``VLFAST_BACKEND`` environment variable (read at the first call), then ``"auto"``. A request
+names the forward's and the backward's backend, the same way for every op:
 
 - ``"auto"``: each direction takes the first backend of the op's order for these inputs (fastest first:
   the op's measured rule, else the device's :data:`PRIORITY`) that can run them; never raises.
@@ -64,8 +64,13 @@ def use_backend(name: str):
 def requested() -> str:
     """The backend asked for by context or environment ('auto' if none)."""
     forced = _forced.get()
-    if forced is not None:
-        return forced
+    return forced if forced is not None else _environment_request()
+
+
+@functools.cache
+def _environment_request() -> str:
+    """``VLFAST_BACKEND``, read once (at the first call of an op): an environment read costs more host time
+    than a small call's whole dispatch."""
     return _check_name(os.environ.get("VLFAST_BACKEND", "auto") or "auto")
 
 

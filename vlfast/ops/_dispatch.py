@@ -26,7 +26,6 @@ the custom op's ``register_autograd`` from one ``setup_context`` and one ``backw
 """
 
 import threading
-from collections import OrderedDict
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -49,26 +48,24 @@ class Choice(NamedTuple):
 
 
 class PlanCache:
-    """A bounded least-recently-used map from call geometry to plan, safe to use from several threads."""
+    """A bounded map from call geometry to plan, safe to use from several threads: reads are one dict
+    lookup (atomic in CPython, no lock on the hot path); writes take a lock and, past ``size`` plans,
+    drop the oldest (first made: a model's few geometries are all made early and stay)."""
 
     def __init__(self, size: int = PLAN_CACHE_SIZE):
         self.size = size
-        self._plans: OrderedDict = OrderedDict()
+        self._plans: dict = {}
         self._lock = threading.Lock()
 
     def get(self, key):
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-            return plan
+        return self._plans.get(key)
 
     def put(self, key, plan) -> None:
         with self._lock:
+            self._plans.pop(key, None)
             self._plans[key] = plan
-            self._plans.move_to_end(key)
             while len(self._plans) > self.size:
-                self._plans.popitem(last=False)
+                del self._plans[next(iter(self._plans))]
 
     def clear(self) -> None:
         with self._lock:
@@ -83,30 +80,37 @@ _SEQUENCES = frozenset({list, tuple, torch.Size})
 _TENSORS = frozenset({Tensor, torch.nn.Parameter})
 
 
-def _geometry(values, values_only: frozenset = frozenset()) -> Optional[tuple]:
-    """Everything of these arguments that an op's checks, backend choice and plan may depend on: tensors
-    by shape, strides, dtype and device; plain scalars, strings and sequences of them by type and value;
-    positions in ``values_only`` (per-call values such as eps or a seed) by type alone. None where an
-    argument is anything else (a tensor subclass, an object): such calls take the checked path.
-    Written for speed: it runs on every eager call."""
+def _geometry(values, values_only: frozenset = frozenset()) -> tuple[Optional[tuple], bool]:
+    """(key, any tensor requires grad) of these arguments. The key is everything an op's checks, backend
+    choice and plan may depend on: tensors by shape, strides, dtype and device; plain scalars, strings and
+    sequences of them by type and value; positions in ``values_only`` (per-call values such as eps or a
+    seed) by type alone. It is None where an argument is anything else (a tensor subclass, an object):
+    such calls take the checked path. Written for speed: it runs on every eager call."""
     parts = []
     append = parts.append
-    for i, v in enumerate(values):
+    requires_grad = False
+    i = -1
+    for v in values:
+        i += 1
+        if v is None:  # the commonest argument of all (absent optional tensors)
+            append(None)
+            continue
         t = type(v)
         if t in _TENSORS:
             append((v.shape, v.stride(), v.dtype, v.device))
+            requires_grad = requires_grad or v.requires_grad
         elif i in values_only:
             append(t)
         elif t in _SCALARS:
             append((t, v))
         elif t in _SEQUENCES:
-            inner = _geometry(v)
+            inner = _geometry(v)[0]
             if inner is None:
-                return None
+                return None, grad_recorded(values)
             append((t, inner))
         else:
-            return None
-    return tuple(parts)
+            return None, grad_recorded(values)
+    return tuple(parts), requires_grad
 
 
 def grad_recorded(values) -> bool:
@@ -170,19 +174,18 @@ class Op:
         if torch.compiler.is_compiling():
             inputs = self.check(*args)
             return self.trace(inputs, self.select(inputs, backend, True))
-        grad = grad_recorded(args)
+        geometry, requires_grad = _geometry(args, self.values_only)
+        grad = requires_grad and torch.is_grad_enabled()
         key = None
-        if not _overrides.active():
-            geometry = _geometry(args, self.values_only)
-            if geometry is not None:
-                key = (geometry, grad, backend, backends.requested())
-                try:
-                    hit = self.plans.get(key)
-                except TypeError:  # an unhashable argument: the checked path says what is wrong with it
-                    hit = key = None
-                if hit is not None:
-                    backends.report(hit.report)
-                    return hit.run(*args)
+        if geometry is not None and not _overrides.active():
+            key = (geometry, grad, backend, backends.requested())
+            try:
+                hit = self.plans.get(key)
+            except TypeError:  # an unhashable argument: the checked path says what is wrong with it
+                hit = key = None
+            if hit is not None:
+                backends.report(hit.report)
+                return hit.run(*args)
         inputs = self.check(*args)
         choice = self.select(inputs, backend, grad)
         run = self.plan(inputs, choice, grad)

@@ -244,26 +244,27 @@ class ConvTranspose2d(_dispatch.Op):
 
     def plan(self, inputs: Inputs, choice: _dispatch.Choice, grad: bool):
         unbatched, backend = inputs.unbatched, choice.op_arg()
-        geometry = inputs.conv_args()[3:]
+        into = _planned_into(choice.forward, inputs)
+        forward = _planned_forward(choice.forward, inputs, into)
         if grad:
-            forward = _planned_forward(choice.forward, inputs)
+            geometry = inputs.conv_args()[3:]
+
+            def forward_op(x, weight, bias, *rest):  # the custom op's signature, for _Function
+                return forward(x, weight, bias)
 
             def run_grad(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
                 x = input.unsqueeze(0) if unbatched else input
-                y = _Function.apply(x, weight, bias, *geometry, backend, forward)
+                y = _Function.apply(x, weight, bias, *geometry, backend, forward_op)
                 y = y.squeeze(0) if unbatched else y
                 return y if out is None else out.copy_(y)  # differentiable: a copy autograd tracks
             return run_grad
-        into = _planned_into(choice.forward, inputs)
-        forward = _planned_forward(choice.forward, inputs, into)
-        act = inputs.activation
 
         def run(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
             x = input.unsqueeze(0) if unbatched else input
             if out is not None:
                 into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
                 return out
-            y = forward(x, weight, bias, *geometry[:-1], act, backend)
+            y = forward(x, weight, bias)
             return y.squeeze(0) if unbatched else y
         return run
 
@@ -308,14 +309,15 @@ def _planned_into(name: str, inputs: Inputs):
     raise AssertionError(name)
 
 
-def _planned_forward(name: str, inputs: Inputs, into=None):
-    """forward(*conv_transpose2d_op's arguments) -> y, on backend ``name``, by ``into`` where given (a plan of
-    :func:`_planned_into` for the same inputs)."""
+def _planned_forward(name: str, inputs: Inputs, into):
+    """forward(x, weight, bias) -> y on backend ``name`` for tensors like these (batched): the reference's
+    own, or ``into`` (a plan of :func:`_planned_into` for the same inputs) on a fresh output."""
+    geometry = inputs.conv_args()[3:]
     if name == "reference":
-        return lambda x, weight, bias, *rest: _fwd_reference(x, weight, bias, *rest[:-1])
-    into, shape, fmt = into or _planned_into(name, inputs), inputs.shape, memory_format(inputs.x)
-    return lambda x, weight, bias, *rest: into(torch.empty(shape, dtype=x.dtype, device=x.device,
-                                                           memory_format=fmt), x, weight, bias)
+        return lambda x, weight, bias: _fwd_reference(x, weight, bias, *geometry)
+    shape, fmt = inputs.shape, memory_format(inputs.x)
+    return lambda x, weight, bias: into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+                                        x, weight, bias)
 
 
 # ---------------------------------------------------------------- the Python entry

@@ -7,6 +7,7 @@ shared dispatch layer (``_dispatch.py``). The coefficient rows come from
 :mod:`vlfast.schedulers`; the formula is in :mod:`vlfast.reference.ddpm`.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -166,8 +167,10 @@ class DdpmStep(_dispatch.Op):
         return None
 
     def plan(self, inputs: Inputs, choice: _dispatch.Choice, grad: bool):
-        impl, copy = _IMPLS[choice.forward], inputs.copy
-        return lambda *args: _step(impl, copy, *args)
+        impl = _IMPLS[choice.forward]
+        if impl is _extension_step:  # the extension's op itself: one Python layer less a call
+            impl = torch.ops.vlfast.ddpm_step_kernel
+        return functools.partial(_step, impl, inputs.copy)
 
     def trace(self, inputs: Inputs, choice: _dispatch.Choice):
         return _step(lambda *args: ddpm_step(*args, choice.forward), inputs.copy, *inputs.args)
@@ -181,7 +184,10 @@ def _step(impl, copy: bool, sample, model_output, coef, timestep, variance, nois
     """One call's per-call work (layouts, the timestep, the seed), then ``impl(*ddpm_step's arguments)``."""
     if copy:
         sample = sample.contiguous()
-    model_output, variance, noise = _like(model_output, sample), _like(variance, sample), _like(noise, sample)
+    if model_output is not None:
+        model_output = _like(model_output, sample)
+    if variance is not None or noise is not None:
+        variance, noise = _like(variance, sample), _like(noise, sample)
     timesteps, t_int = timestep_args(timestep, sample.shape[0], coef.shape[0], sample.device)
     if coef.device != sample.device:
         coef = coef.to(sample.device)
