@@ -94,5 +94,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     # bench: `python -m vlfast bench`'s progress bar and the GPU clocks, power limit and driver it reports.
-    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py"], "test": ["pytest", "diffusers"]},
+    # test: expecttest is what PyTorch's own module samples (torch.testing._internal) import.
+    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py"],
+                    "test": ["pytest", "diffusers", "expecttest"]},
 )

@@ -32,7 +32,8 @@ def act(y, ACT: tl.constexpr):
 
 @triton.jit
 def act_backward(g, y, ACT: tl.constexpr):
-    """g * act'(y), as PyTorch's backward of each activation computes it."""
+    """g * act'(y), as PyTorch's backward of each activation computes it: ReLU passes g where y is NaN
+    (threshold_backward: 0 where y <= 0, else g); SiLU and GELU give NaN at NaN and at +-inf."""
     if ACT == ACT_SILU:
         sig = tl.sigmoid(y)
         g = g * (sig * (1.0 + y * (1.0 - sig)))

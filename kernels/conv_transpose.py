@@ -6,7 +6,8 @@ x[i] * w[k] for every tap k with o = i*s - p + k*d, i.e. i = (o + p - k*d) / s w
 Two forward kernels, both implicit GEMMs with float32 accumulation in ``tl.dot`` and a fused epilogue
 (bias, activation, a store through any output strides):
 
-- ``conv_transpose2d_subpixel_kernel`` (dilation 1: the U-Net up-conv, VAE k4 s2 p1, FCN's k = 2s):
+- ``conv_transpose2d_subpixel_kernel`` (dilation 1, k a multiple of s: the U-Net up-conv, VAE k4 s2 p1,
+  FCN's k = 2s):
   write each tap as k = r + t*s (phase r < s, t < T = ceil(k/s)). Then o = c*s + r - p with cell
   c = i + t, and y[c*s + r - p] = sum_t x[c - t] * w[r + t*s]: the whole layer is ONE GEMM
   A[(n, ch, cw), (th, tw, ci)] @ Wsp[(th, tw, ci), (rh, rw, co)] with A[(n, ch, cw), (th, tw, ci)] =
@@ -15,10 +16,10 @@ Two forward kernels, both implicit GEMMs with float32 accumulation in ``tl.dot``
   each row's s_h x s_w x Cout block to its cell of the output (depth-to-space), cropped by the
   padding. k == s, padding 0 is the case T = 1: one input pixel per cell, a plain GEMM. The columns
   run co-innermost for a channels_last output and rw-innermost for an NCHW one, so that
-  neighbouring lanes store to neighbouring addresses. The multiplies by padded zero taps (k not a
-  multiple of s) are the price of one dense GEMM; the launcher sends geometries where they would be
-  more than half of the work to the phase kernel.
-- ``conv_transpose2d_phase_kernel`` (dilation > 1, or k much smaller than s): output pixels with the
+  neighbouring lanes store to neighbouring addresses. Wsp has zero entries where k is not a multiple
+  of s (the Triton backward's dgrad masks them); the forward launcher sends those geometries to the
+  phase kernel, as a padded zero tap times an inf input would make a NaN that PyTorch does not.
+- ``conv_transpose2d_phase_kernel`` (dilation > 1, or k not a multiple of s): output pixels with the
   same (o + p) mod s form a phase; its taps are the k with k*d = (o + p) mod s (mod s), an arithmetic
   progression k0, k0 + dk, ... whose input row moves by -dk*d/s per tap. Each phase is an ordinary convolution
   over only its own taps (no multiply touches an inserted zero); one launch covers all s_h*s_w
@@ -33,7 +34,7 @@ The backward (dilation 1) has two more GEMMs against Wsp, at the end of this fil
 pixels and wgrad over the output cells. They use the core's swizzle and epilogue; their K loops are
 their own, as their A tiles are not the core's [pixels, channels] input tiles (see there).
 
-The host side (vlfast/ops/igemm.py) pre-arranges the weight once per weight version:
+The host side (vlfast/ops/igemm.py) arranges the weight on every call (one copy kernel):
 Wt[G, KH, KW, Cin/G, Cout/G] for the phase kernel (one [Cin/G, Cout/G] matrix per tap),
 Wsp[G, TH*TW*Cin/G, SH*SW*Cout/G] for the sub-pixel kernel.
 """
@@ -200,7 +201,7 @@ def conv_transpose2d_dgrad_kernel(
     dy_ptr,    # (N, G*COUT_G, OH, OW) gradient of the output (after the activation's), any strides
     wsp_ptr,   # (G, TH*TW*CIN_G, SH*SW*COUT_G) the forward's arranged weight, columns (rh, rw, co)
     dx_ptr,    # (N, G*CIN_G, H, W) gradient of the input, any strides
-    N, H, W, OH, OW, CIN_G, COUT_G, SH, PH, PW,
+    N, H, W, OH, OW, CIN_G, COUT_G, KH, KW, SH, PH, PW,
     stride_dn, stride_dc, stride_dh, stride_dw, stride_xn, stride_xc, stride_xh, stride_xw,
     PRECISION: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -231,7 +232,11 @@ def conv_transpose2d_dgrad_kernel(
         tap = q // SH
         oh = (ih + tap // TW) * SH + rh - PH
         ow = ((iw + tap % TW) * SW - PW)[:, None] + (kk // COUT_G)[None, :]
-        ok = (row_ok & (oh >= 0) & (oh < OH))[:, None] & kk_ok[None, :] & (ow >= 0) & (ow < OW)
+        # Where Wsp holds a padded zero tap, dy is read as 0 too (0 * inf would be a NaN that PyTorch's dx does
+        # not have): kernel row rh + th*SH = oh + PH - ih*SH, column rw + tw*SW = kk // COUT_G + tw*SW.
+        real_h = (oh >= 0) & (oh < OH) & (oh + PH - ih * SH < KH)
+        real_w = kk_ok & (kk // COUT_G + tap % TW * SW < KW)
+        ok = (row_ok & real_h)[:, None] & real_w[None, :] & (ow >= 0) & (ow < OW)
         a = tl.load(dy_ptr + (dy_row + oh.to(tl.int64) * stride_dh)[:, None] + ow * stride_dw
                     + ((kk % COUT_G) * stride_dc)[None, :], mask=ok, other=0.0)
         b = tl.load(wsp + ((tap * CIN_G + ci) * n_cols)[None, :] + (rh * k_row + kk)[:, None],

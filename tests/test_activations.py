@@ -136,16 +136,58 @@ def test_python_aliases():
     assert ref_gn.activation_grad is A.activation_grad
 
 
-def test_reference_functions():
-    y = torch.tensor([-3.0, -1.0, -0.0, 0.0, 0.5, 2.0, float("nan")], dtype=torch.float64)
-    want = {None: y, "silu": F.silu(y), "relu": F.relu(y), "gelu": F.gelu(y)}
-    assert set(want) == set(A.NAMES)
-    for name in A.NAMES:
-        torch.testing.assert_close(A.activate(y, name), want[name], equal_nan=True)
-        # activation_grad against autograd of the same function (away from ReLU's kink)
-        x = y[torch.isfinite(y) & (y != 0)].clone().requires_grad_()
-        (grad,) = torch.autograd.grad(A.activate(x, name).sum(), x) if name else (torch.ones_like(x),)
-        torch.testing.assert_close(A.activation_grad(x.detach(), name), grad)
+# Where activations differ most: NaN, the infinities, signed zeros, both tails, the extremes.
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 50.0, -50.0,
+           100.0, -100.0, 1e30, -1e30]
+TORCH_ACT = {None: lambda y: y, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+FLOATS = {torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def torch_act(name, y, g, compute=torch.float64):
+    """(act(y), g * act'(y)) by PyTorch's own function and autograd computed in ``compute``, in y's dtype.
+
+    float64 for the kernels: torch's float32 GELU on the CPU gives NaN at +inf in its vectorised loop and
+    inf in its scalar one (torch 2.13); in float64 both give inf, as the formula does.
+    """
+    yc = y.to(compute).requires_grad_()
+    out = TORCH_ACT[name](yc)
+    (grad,) = torch.autograd.grad(out, yc, g.to(compute)) if name else (g.to(compute),)
+    return out.detach().to(y.dtype), grad.to(y.dtype)
+
+
+def assert_same(got, want, name):
+    """The same NaN pattern (NaN in, NaN out), and close elsewhere (infinities equal)."""
+    assert torch.equal(got.isnan(), want.isnan()), (
+        f"{name}: NaN at {got.isnan().tolist()}, torch's at {want.isnan().tolist()}")
+    rtol, atol = (1e-5, 1e-12) if got.dtype == torch.float32 else (1e-12, 1e-30)
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def special_inputs(dtype, device="cpu"):
+    y = torch.tensor(SPECIAL, dtype=dtype, device=device)
+    g = torch.linspace(-1.0, 2.0, y.numel(), dtype=dtype, device=device)
+    return y, g
+
+
+def test_torch_semantics_at_nan():
+    """What the activations are held to, stated once: PyTorch passes NaN through every forward, and ReLU's
+    backward passes the incoming gradient at a NaN input (threshold_backward: 0 where y <= 0, else g)."""
+    y = torch.tensor([float("nan"), 1.0, -1.0], requires_grad=True)
+    for fn in TORCH_ACT.values():
+        assert fn(y)[0].isnan()
+    (grad,) = torch.autograd.grad(F.relu(y), y, torch.tensor([3.0, 3.0, 3.0]))
+    assert grad.tolist() == [3.0, 3.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", list(FLOATS), ids=FLOATS.get)
+@pytest.mark.parametrize("name", A.NAMES, ids=str)
+def test_reference_functions(name, dtype):
+    """activate / activation_grad against torch's function and autograd in the same dtype, NaN and
+    infinities included (ReLU's gradient at NaN: the incoming one, as threshold_backward)."""
+    y, g = special_inputs(dtype)
+    want, want_grad = torch_act(name, y, g, compute=dtype)
+    assert_same(A.activate(y, name), want, f"activate({name})")
+    assert_same(g * A.activation_grad(y, name), want_grad, f"activation_grad({name})")
 
 
 # ---------------------------------------------------------------- C++: parsed
@@ -227,22 +269,22 @@ if triton is not None:
         tl.store(dx_ptr + offs, _act_backward(g, x, ACT), mask=mask)
 
 
+@pytest.mark.parametrize("dtype", list(FLOATS), ids=FLOATS.get)
 @pytest.mark.parametrize("name", A.NAMES, ids=str)
-def test_triton_act(name):
-    """act / act_backward of each code compute the reference function of its name."""
+def test_triton_act(name, dtype):
+    """act / act_backward of each code against torch's function of its name and autograd, NaN and
+    infinities included."""
     if triton is None:
         pytest.skip("no triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU runs under TRITON_INTERPRET=1 only")
-    x = torch.tensor([-3.0, -1.0, -0.25, 0.5, 1.0, 2.5, float("nan")], device=device)
-    g = torch.linspace(-1.0, 2.0, x.numel(), device=device)
+    x, g = special_inputs(dtype, device)
     y, dx = torch.empty_like(x), torch.empty_like(x)
     _act_kernel[(1,)](x, g, y, dx, x.numel(), ACT=A.code(name), BLOCK=triton.next_power_of_2(x.numel()))
-    torch.testing.assert_close(y, A.activate(x, name), equal_nan=True)
-    # The backward away from NaN: the reference's ReLU gradient is 0 at NaN, act_backward's (as PyTorch's) g.
-    finite = torch.isfinite(x)
-    torch.testing.assert_close(dx[finite], (g * A.activation_grad(x, name))[finite])
+    want, want_grad = torch_act(name, x.cpu(), g.cpu())
+    assert_same(y.cpu(), want, f"act({name})")
+    assert_same(dx.cpu(), want_grad, f"act_backward({name})")
 
 
 # ---------------------------------------------------------------- C++: compiled (the CPU kernel)
@@ -266,3 +308,37 @@ def test_cpp_cpu_kernel_codes():
         torch.testing.assert_close(out, group_norm(x, 2, activation=name), msg=f"code {A.code(name)} ({name})")
     with pytest.raises(RuntimeError, match="activation"):
         op(x, 2, None, None, 1e-5, None, None, None, len(A.NAMES))
+
+
+@pytest.mark.parametrize("dtype", list(FLOATS), ids=FLOATS.get)
+@pytest.mark.parametrize("name", A.NAMES, ids=str)
+def test_cpp_cpu_kernel_special_values(name, dtype):
+    """The CPU kernel's activation at NaN and the infinities, as torch's: the activation's input is made
+    special channel by channel through ``shift`` (y = xhat + shift)."""
+    try:
+        import vlfast._C  # noqa: F401
+    except ImportError:
+        pytest.skip("vlfast._C is not built")
+    if not hasattr(torch.ops.vlfast, "group_norm_fwd_kernel"):
+        pytest.skip("vlfast._C has no group_norm_fwd_kernel")
+    shift = torch.tensor([SPECIAL], dtype=dtype)
+    c = shift.shape[1]
+    x = torch.randn(1, c, 3, 7, generator=torch.Generator().manual_seed(0), dtype=dtype) * 1e-3
+    out = torch.ops.vlfast.group_norm_fwd_kernel(x, c, None, None, 1e-5, None, None, shift, A.code(name))[0]
+    from vlfast.reference.group_norm import group_norm
+    y = group_norm(x.double(), c, shift=shift.double(), compute_dtype=torch.float64)
+    want = torch_act(name, y, torch.ones_like(y))[0].to(dtype)
+    assert torch.equal(out.isnan(), want.isnan()), f"{name}: NaN per channel {out.isnan().any((0, 2, 3)).tolist()}"
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_cpu_silu_far_left():
+    """Past the point where torch's e^-y overflows, silu(y) is y * 0: -0, and NaN at -inf."""
+    try:
+        import vlfast._C  # noqa: F401
+    except ImportError:
+        pytest.skip("vlfast._C is not built")
+    shift = torch.tensor([[-float("inf"), -1e30]])
+    out = torch.ops.vlfast.group_norm_fwd_kernel(torch.zeros(1, 2, 4, 4), 2, None, None, 1e-5, None, None, shift,
+                                                 A.code("silu"))[0]
+    assert out[0, 0].isnan().all() and (out[0, 1] == 0).all()

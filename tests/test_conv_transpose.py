@@ -1,5 +1,7 @@
 """vlfast.ops.conv_transpose2d and vlfast.nn.ConvTranspose2d on every backend against F.conv_transpose2d in float64."""
 
+import contextlib
+import functools
 import math
 
 import pytest
@@ -18,13 +20,28 @@ pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
 ACTS = [None, "relu", "silu", "gelu"]
 
 
+@contextlib.contextmanager
+def tf32_settings_restored():
+    """Inside: change any of PyTorch's TF32 settings; after: the legacy cuDNN flag's value from before, and
+    the newer fp32_precision settings (torch >= 2.9) back to what that flag gives (conv and RNN set by the
+    flag, the levels above them "none")."""
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        if hasattr(torch.backends, "fp32_precision"):
+            for scope in (torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn):
+                scope.fp32_precision = "none"
+        torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.fixture
 def no_tf32():
-    """float32 in IEEE everywhere (the kernel follows cudnn.allow_tf32, as torch's own reference does)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    """float32 in IEEE everywhere (the kernel follows PyTorch's cuDNN TF32 setting, as torch's own reference
+    does)."""
+    with tf32_settings_restored():
+        torch.backends.cudnn.allow_tf32 = False
+        yield
 
 
 def case(n, cin, cout, h, w, k, s=1, p=0, op=0, d=1, g=1):
@@ -205,10 +222,14 @@ def test_gradients_match_torch(device, backend, activation, i):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
-def test_gradients_through_out_and_without_bias(device, backend):
-    c = CASES[1]
+@pytest.mark.parametrize("i", [1, 0], ids=lambda i: case_id(CASES[i]))
+def test_gradients_through_out_and_without_bias(device, backend, i):
+    """Recorded gradients with ``out=`` a channel slice: the forward computes into a fresh output (with a
+    batch of 2, the slice's batch stride differs from the fresh output's) and copies."""
+    c = CASES[i]
     x, w, _ = (t.requires_grad_() if t is not None else t for t in make(c, torch.float32, device, bias=False))
-    buf = torch.zeros((c["n"], c["cout"] + 2, 7, 9), device=device)
+    shape = F.conv_transpose2d(x, w, **conv_args(c)).shape
+    buf = torch.zeros((c["n"], c["cout"] + 2) + shape[2:], device=device)
     conv_transpose2d(x, w, None, **conv_args(c), activation="gelu", out=buf[:, 2:], backend=backend)
     (buf * 2).sum().backward()
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
@@ -269,18 +290,43 @@ def test_auto_falls_back_and_forced_backend_explains():
         conv_transpose2d(x, w, stride=2, backend="triton")
 
 
-def test_tf32_follows_cudnn_flag():
+def _set_tf32(**levels):
+    """Set PyTorch's TF32 settings: ``legacy`` the cuDNN flag; generic, cudnn, conv the fp32_precision of
+    torch.backends, torch.backends.cudnn and torch.backends.cudnn.conv."""
+    scopes = dict(generic=torch.backends, cudnn=torch.backends.cudnn,
+                  conv=getattr(torch.backends.cudnn, "conv", None))
+    for name, value in levels.items():
+        if name == "legacy":
+            torch.backends.cudnn.allow_tf32 = value
+        else:
+            scopes[name].fp32_precision = value
+
+
+# (settings, what a float32 CUDA convolution then uses): the legacy flag, then the newer per-op setting and
+# its "none" inheriting from the levels above it (torch >= 2.9).
+TF32_SEQUENCE = [(dict(legacy=True), "tf32"), (dict(legacy=False), "ieee"),
+                 (dict(conv="tf32"), "tf32"), (dict(conv="ieee"), "ieee"),
+                 (dict(conv="none", cudnn="tf32"), "tf32"), (dict(cudnn="none", generic="ieee"), "ieee"),
+                 (dict(generic="tf32"), "tf32"), (dict(generic="none"), "ieee")]
+TF32_SETTINGS = [functools.partial(_set_tf32, **levels) for levels, _ in TF32_SEQUENCE
+                 if "legacy" in levels or hasattr(torch.backends, "fp32_precision")]
+
+
+def test_tf32_follows_pytorch_settings():
+    """The TF32 decision follows PyTorch's settings for cuDNN convolutions as the installed torch keeps them
+    (reading the legacy flag after setting conv and RNN differently raises in torch >= 2.9)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    torch.backends.cudnn.allow_tf32 = True  # the no_tf32 fixture restores it
-    assert precision(torch.float32, cuda) == "tf32" and precision(torch.float32, cpu) == "ieee"
-    assert precision(torch.bfloat16, cuda) == "tf32"  # ignored by tl.dot for 16-bit inputs
-    torch.backends.cudnn.allow_tf32 = False
-    assert precision(torch.float32, cuda) == "ieee"
+    with tf32_settings_restored():
+        for setting, (levels, want) in zip(TF32_SETTINGS, TF32_SEQUENCE):
+            setting()
+            assert precision(torch.float32, cuda) == want, levels
+            assert precision(torch.float32, cpu) == "ieee" and precision(torch.bfloat16, cuda) == "tf32"
 
 
 @pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
 def test_weight_updated_in_place_is_seen(device, backend):
-    """The Triton path caches the re-arranged weight per tensor and version: an in-place update invalidates it."""
+    """An in-place update of the weight is seen at the next call (writes through ``.data``:
+    test_conv_transpose_triton.py)."""
     c = CASES[5]
     x, w, b = make(c, torch.float32, device)
     conv_transpose2d(x, w, b, **conv_args(c), backend=backend)
@@ -310,15 +356,93 @@ BAD = [
     (dict(out=torch.empty(2, 2, 7, 7, device="meta")), ValueError, "out"),
     (dict(bias=torch.ones(2, device="meta")), ValueError, "bias"),
     (dict(activation="tanh"), ValueError, "activation"),
+    # What F.conv_transpose2d refuses (torch 2.13): a weight with a zero dim, an input without pixels.
+    (dict(input=torch.ones(2, 0, 3, 3), weight=torch.ones(0, 2, 3, 3)), ValueError, "weight"),
+    (dict(weight=torch.ones(4, 0, 3, 3)), ValueError, "weight"),
+    (dict(weight=torch.ones(4, 2, 0, 0)), ValueError, "weight"),
+    (dict(weight=torch.ones(4, 2, 3, 0), input=torch.ones(0, 4, 3, 3)), ValueError, "weight"),
+    (dict(input=torch.ones(2, 4, 0, 3)), ValueError, "input"),
+    (dict(input=torch.ones(4, 3, 0)), ValueError, "input"),
+    (dict(out=torch.empty(2, 1, 7, 7).expand(2, 2, 7, 7)), RuntimeError, "more than one element of the written-to"),
 ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", None], ids=["reference", "triton", "auto"])
 @pytest.mark.parametrize("bad,exc,word", BAD, ids=[f"{w.split()[0]}-{i}" for i, (_, _, w) in enumerate(BAD)])
-def test_bad_input(bad, exc, word):
+def test_bad_input(bad, exc, word, backend):
     args = dict(input=torch.ones(2, 4, 3, 3), weight=torch.ones(4, 2, 3, 3), stride=2)
     args.update(bad)
     with pytest.raises(exc, match=word):
-        conv_transpose2d(args.pop("input"), args.pop("weight"), **args)
+        conv_transpose2d(args.pop("input"), args.pop("weight"), **args, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
+def test_empty_batch_without_pixels_computes(device, backend):
+    """What F.conv_transpose2d computes from nothing (an empty batch, even of 0x0 images), every backend does."""
+    w, b = torch.randn(4, 3, 3, 3, device=device), torch.randn(3, device=device)
+    for x in (torch.ones(0, 4, 0, 0, device=device), torch.ones(0, 4, 2, 3, device=device)):
+        want = F.conv_transpose2d(x, w, b, stride=2)
+        got = conv_transpose2d(x, w, b, stride=2, backend=backend)
+        assert got.shape == want.shape
+
+
+@pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_out_write_bumps_its_version(device, backend, unbatched):
+    """A write into ``out`` counts as an in-place change: a backward that saved out's old values raises as
+    PyTorch's does, instead of using the new ones."""
+    c = CASES[5]
+    x, w, b = make(c, torch.float32, device)
+    x = x[0] if unbatched else x
+    buf = torch.zeros(F.conv_transpose2d(x, w, b, **conv_args(c)).shape, device=device)
+    a = torch.ones_like(buf, requires_grad=True)
+    y = a * buf  # saves buf for a's gradient
+    conv_transpose2d(x, w, b, **conv_args(c), out=buf, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def _sharing(c, which, channels_last, device):
+    """(x, w, b, out, copies of x, w, b) of case c, where ``which`` (input, weight or bias) starts at out's
+    first element (x in out's layout: x is out itself where they have one shape)."""
+    x, w, b = make(c, torch.float32, device, channels_last=channels_last, seed=5)
+    shape = F.conv_transpose2d(x, w, b, **conv_args(c)).shape
+    memory = torch.randn(math.prod(shape) + x.numel() + w.numel(), device=device)
+
+    def view(t):  # t's shape at the start of memory, channels_last where asked
+        if channels_last and t.dim() == 4:
+            n, ch, h, wd = t.shape
+            return memory[:t.numel()].view(n, h, wd, ch).permute(0, 3, 1, 2)
+        return memory[:t.numel()].view(t.shape)
+    out = view(torch.empty(shape))
+    if which == "input":
+        x = view(x).copy_(x)
+    elif which == "weight":
+        w = view(w).copy_(w)
+    else:
+        b = view(b).copy_(b)
+    return x, w, b, out, (x.clone(), w.clone(), b.clone())
+
+
+@pytest.mark.parametrize("device,backend", backend_params("conv_transpose2d"))
+@pytest.mark.parametrize("kernel", ["subpixel", "phase"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_out_sharing_memory_with_an_input(device, backend, kernel, channels_last, which):
+    """``out`` that is (or overlaps) the input, the weight or the bias gets the result of
+    ``out.copy_(F.conv_transpose2d(...))``, twice in a row (the second on the planned path)."""
+    from vlfast.ops import _overrides
+    if backend == "reference" and kernel == "phase":
+        pytest.skip("the knob picks a Triton kernel")
+    # 1x1 stride 1 with Cin == Cout (out can be x itself; 33 channels: two column tiles), and k4 s2 p1
+    for c, calls in ((case(1, 33, 33, 3, 2, 1), 2), (case(1, 4, 3, 4, 5, 4, 2, 1), 1)):
+        for _ in range(calls):
+            x, w, b, out, copies = _sharing(c, which, channels_last, device)
+            want = reference(*copies, c, None, torch.float32)[0]
+            with _overrides.use(conv_transpose_kernel=kernel if backend == "triton" else None):
+                got = conv_transpose2d(x, w, b, **conv_args(c), out=out, backend=backend)
+            assert got is out
+            assert_close(out, want, torch.float32, rtol=1e-4, atol=1e-4)
 
 
 def test_module_is_a_drop_in():

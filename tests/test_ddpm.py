@@ -48,7 +48,13 @@ def expected(x, m, coef, t, dtype, **kw):
     return hi, lo
 
 
-def compare(got, hi, lo, dtype, name):
+def interpreter_ulps(device, backend, dtype) -> float:
+    """2026-12: Triton 3.9's interpreter casts fp32 to bf16 by truncation, where a GPU rounds to nearest: the
+    Triton kernel's bf16 outputs on CPU may be off by one more ulp."""
+    return 1.0 if (device, backend, dtype) == ("cpu", "triton", torch.bfloat16) else 0.0
+
+
+def compare(got, hi, lo, dtype, name, ulps=0.0):
     if got is None:
         assert hi is None, name
         return
@@ -56,7 +62,7 @@ def compare(got, hi, lo, dtype, name):
     if dtype == torch.float32:
         assert_close(got, hi, torch.float32, name=name)
     else:
-        assert_low_precision_close(got, hi, lo, atol=2e-3, name=name)
+        assert_low_precision_close(got, hi, lo, atol=2e-3, ulps=ulps, name=name)
 
 
 OPTIONS = {
@@ -88,7 +94,7 @@ def test_matches_reference(device, backend, option, dtype, shape, channels_last)
     got = run(backend, x, m, coef, t, **kw)
     hi, lo = expected(x, m, coef, t, dtype, **kw)
     for name, g_, h_, l_ in zip(("prev", "x0", "noise"), got, hi, lo):
-        compare(g_, h_, l_, dtype, f"{option}/{name}")
+        compare(g_, h_, l_, dtype, f"{option}/{name}", interpreter_ulps(device, backend, dtype))
     if channels_last and shape[2] > 1:
         assert got[0].is_contiguous(memory_format=torch.channels_last)
 

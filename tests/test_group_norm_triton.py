@@ -15,7 +15,7 @@ from vlfast.ops import _overrides
 from vlfast.ops import group_norm_triton as gnt
 from vlfast.ops.group_norm_triton import group_norm_bwd, group_norm_fwd
 from vlfast.reference.group_norm import group_norm as reference
-from vlfast.testing import assert_close, assert_low_precision_close
+from vlfast.testing import assert_close, assert_low_precision_close, torch_group_norm
 
 from conftest import DT, GN_GRADS, GN_PATTERNS
 
@@ -50,13 +50,18 @@ def make_inputs(shape, groups, dtype, layout, pattern, affine=True, param_dtype=
 
 
 def reference_grads(x, groups, kw, act, dy, compute_dtype):
-    """(out, grads in GRADS order) of the reference computed in compute_dtype, by autograd."""
+    """(out, grads in GRADS order) by autograd: of the reference computed in compute_dtype (float64,
+    float32), or of PyTorch's own composition in x's dtype (F.group_norm and modules) for fp16/bf16."""
     up = (lambda t: t.double()) if compute_dtype == torch.float64 else (lambda t: t)
     leaves = [up(x).detach().requires_grad_()]
     leaves += [None if kw[k] is None else up(kw[k]).detach().requires_grad_()
                for k in ("weight", "bias", "add", "scale", "shift")]
-    out = reference(leaves[0], groups, leaves[1], leaves[2], 1e-5, add=leaves[3], scale=leaves[4],
-                    shift=leaves[5], activation=act, compute_dtype=compute_dtype)
+    if compute_dtype in (torch.float16, torch.bfloat16):
+        out = torch_group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5, add=leaves[3], scale=leaves[4],
+                               shift=leaves[5], activation=act)
+    else:
+        out = reference(leaves[0], groups, leaves[1], leaves[2], 1e-5, add=leaves[3], scale=leaves[4],
+                        shift=leaves[5], activation=act, compute_dtype=compute_dtype)
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out, present, up(dy)))
     return out.detach(), [None if t is None else next(grads) for t in leaves]
@@ -81,12 +86,17 @@ def run_triton(x, groups, kw, act, dy, needs=(True,) * 6, **knobs):
 
 
 def check(got, hi, lo, name):
-    """fp32: the tolerance table; fp16/bf16: at most twice PyTorch's own error (lo) plus atol."""
+    """fp32: the tolerance table; fp16/bf16: at most twice PyTorch's own error (lo) plus atol.
+
+    2026-12: Triton 3.9's interpreter casts fp32 to bf16 by truncation (its cast_impl passes no rounding
+    mode), where a GPU rounds to nearest: on CPU, bf16 results may be off by one more ulp.
+    """
     assert got.dtype == lo.dtype and got.shape == hi.shape, name
     if got.dtype == torch.float32:
         assert_close(got, hi, torch.float32, name=name)
     else:
-        assert_low_precision_close(got, hi, lo, atol=2e-3, name=name)
+        interpreted = got.device.type == "cpu" and got.dtype == torch.bfloat16
+        assert_low_precision_close(got, hi, lo, ulps=1.0 if interpreted else 0.0, name=name)
 
 
 def check_all(shape, groups, dtype, layout, pattern, affine=True, param_dtype=None, **opts):

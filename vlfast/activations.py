@@ -56,7 +56,9 @@ def activate(y: Tensor, activation) -> Tensor:
 
 
 def activation_grad(y: Tensor, activation) -> Tensor:
-    """d activation(y) / dy, as PyTorch's backward of each activation computes it."""
+    """d activation(y) / dy, as PyTorch's backward of each activation computes it, NaN and infinities
+    included: ReLU's is 0 where y <= 0 and 1 elsewhere, at NaN too (threshold_backward passes the incoming
+    gradient there); SiLU's and GELU's are NaN at NaN and at +-inf (0 * inf in their formulas)."""
     import torch
 
     c = code(activation)
@@ -64,7 +66,7 @@ def activation_grad(y: Tensor, activation) -> Tensor:
         s = torch.sigmoid(y)
         return s * (1 + y * (1 - s))
     if c == CODE["relu"]:
-        return (y > 0).to(y.dtype)
+        return (y <= 0).logical_not().to(y.dtype)
     if c == CODE["gelu"]:
         cdf = 0.5 * (1 + torch.erf(y * 0.7071067811865476))
         return cdf + y * torch.exp(-0.5 * y * y) * 0.3989422804014327

@@ -15,8 +15,11 @@ names the forward's and the backward's backend, the same way for every op:
 
 What a backend can run is answered in one place, :func:`not_supported_reasons`, from the inputs: the
 device, the dtype, the build, and every input-dependent limit the op declares (index widths, grid sizes,
-geometries a kernel does not take). ``vlfast.last_backend(op)`` says which backend ran the forward of the
-last call of ``op``, ``last_backend(op, "backward")`` which one its backward was given.
+geometries a kernel does not take). Under ``torch.compile`` the choice is made while tracing; the
+compiled code is guarded on the innermost ``use_backend`` request open in the process (a recompile per
+distinct request) and a forced backend that cannot run raises while tracing. ``vlfast.last_backend(op)``
+says which backend ran the forward of the last call of ``op``, ``last_backend(op, "backward")`` which one
+its backward was given.
 """
 
 import contextlib
@@ -39,6 +42,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OPS: dict = {}
 
 _forced = contextvars.ContextVar("vlfast_backend", default=None)
+# The innermost use_backend block's request, process-wide (None outside any): compiled code reads it,
+# so torch.compile guards on its value and recompiles when it changes (see select).
+_compile_request: str | None = None
 _last: dict[tuple[str, str], str] = {}
 
 
@@ -54,11 +60,14 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend inside the block: ``with vlfast.use_backend("triton"): ...``."""
+    global _compile_request
     token = _forced.set(_check_name(name))
+    outer, _compile_request = _compile_request, name
     try:
         yield
     finally:
         _forced.reset(token)
+        _compile_request = outer
 
 
 def requested() -> str:
@@ -200,7 +209,14 @@ def _choose(op: str, direction: str, device: torch.device, dtype: torch.dtype, b
     return name
 
 
-_choose_at_trace = torch.compiler.assume_constant_result(_choose)
+@torch.compiler.assume_constant_result
+def _choose_at_trace(*args) -> str:
+    """:func:`_choose` while torch.compile traces, as a constant: the name, or the error's text prefixed by
+    "!" (raised by :func:`select` in the traced code, so that the user sees the RuntimeError itself)."""
+    try:
+        return _choose(*args)
+    except RuntimeError as e:
+        return "!" + str(e)
 
 
 def select(op: str, direction: str, inputs, backend: str | None = None) -> str:
@@ -210,8 +226,15 @@ def select(op: str, direction: str, inputs, backend: str | None = None) -> str:
     decl = OPS[op]
     limits = tuple((name, tuple(decl.limits(name, direction, inputs))) for name in decl.backends(direction))
     order = decl.order(direction, inputs)
-    choose = _choose_at_trace if torch.compiler.is_compiling() else _choose
-    return choose(op, direction, inputs.device, inputs.dtype, backend, order, limits)
+    if torch.compiler.is_compiling():
+        # A guarded read: the compiled graph is reused only under the same use_backend request.
+        if backend is None and _compile_request is not None:
+            backend = _compile_request
+        name = _choose_at_trace(op, direction, inputs.device, inputs.dtype, backend, order, limits)
+        if name.startswith("!"):
+            raise RuntimeError(name[1:])
+        return name
+    return _choose(op, direction, inputs.device, inputs.dtype, backend, order, limits)
 
 
 def last_backend(op: str, direction: str = "forward") -> str | None:

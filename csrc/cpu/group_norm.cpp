@@ -47,7 +47,8 @@ VLFAST_INLINE float recip_portable(float d) {
 }
 
 VLFAST_INLINE float silu_portable(float y) {
-  return y * recip_portable(1.0f + exp_portable(-y));
+  // Past y = -80, e^-y overflows in torch's y / (1 + e^-y): y * 0 gives its -0 (and NaN at -inf).
+  return y < -80.0f ? y * 0.0f : y * recip_portable(1.0f + exp_portable(-y));
 }
 
 VLFAST_INLINE float gelu_portable(float y) {
@@ -102,9 +103,13 @@ VLFAST_AVX512 VLFAST_INLINE __m512 recip_avx512(__m512 d) {
 }
 
 VLFAST_AVX512 VLFAST_INLINE __m512 silu_avx512(__m512 y) {
-  // e^-y = 2^t, t = -y log2 e clamped to 126 so that 1 + e^-y stays finite.
-  const __m512 t = _mm512_min_ps(_mm512_mul_ps(y, _mm512_set1_ps(-kLog2e)), _mm512_set1_ps(126.0f));
-  return _mm512_mul_ps(y, recip_avx512(_mm512_add_ps(exp2_avx512(t), _mm512_set1_ps(1.0f))));
+  // e^-y = 2^t, t = -y log2 e clamped to 126 so that 1 + e^-y stays finite; past the clamp torch's
+  // y / (1 + e^-y) divides by inf: y * 0 gives its -0 (and NaN at y = -inf).
+  const __m512 u = _mm512_mul_ps(y, _mm512_set1_ps(-kLog2e));
+  const __m512 t = _mm512_min_ps(u, _mm512_set1_ps(126.0f));
+  const __m512 s = _mm512_mul_ps(y, recip_avx512(_mm512_add_ps(exp2_avx512(t), _mm512_set1_ps(1.0f))));
+  const __mmask16 far = _mm512_cmp_ps_mask(u, _mm512_set1_ps(126.0f), _CMP_GT_OQ);
+  return _mm512_mask_mul_ps(s, far, y, _mm512_setzero_ps());
 }
 
 VLFAST_AVX512 VLFAST_INLINE __m512 gelu_avx512(__m512 y) {

@@ -15,6 +15,80 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def check_writable(out: Tensor) -> None:
+    """PyTorch's refusal to write into an inference tensor outside inference mode (a kernel's write would
+    slip past it), with PyTorch's words."""
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed. You can make "
+                           "a clone to get a normal tensor before doing inplace update.")
+
+
+def suggest_memory_format(x: Tensor) -> torch.memory_format:
+    """aten's ``Tensor.suggest_memory_format()`` (not bound in Python): the layout F.group_norm gives its
+    output for input ``x``. channels_last for a 4-D tensor (channels_last_3d: 5-D) whose strides order its
+    dims N, H, W, C (N, D, H, W, C), dense or not; contiguous_format otherwise, and where size-1 dims make
+    both orders fit (c10's ``is_channels_last_strides_2d_s4`` and ``_3d_s5``, step for step)."""
+    rank = x.dim()
+    if rank not in (4, 5):
+        return torch.contiguous_format
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return torch.contiguous_format
+    low = 0
+    for d in (1, *range(rank - 1, 1, -1), 0):  # innermost first: C, W, H, (D,) N
+        if sizes[d] == 0 or strides[d] < low or (d == 0 and low == strides[1]):
+            return torch.contiguous_format
+        low = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return torch.channels_last if rank == 4 else torch.channels_last_3d
+
+
+def format_strides(shape, fmt: torch.memory_format) -> tuple:
+    """The strides of ``torch.empty(shape, memory_format=fmt)`` (arithmetic where no size is 0: making a
+    meta tensor costs ~10 us)."""
+    if 0 in shape:
+        return torch.empty(shape, memory_format=fmt, device="meta").stride()
+    rank = len(shape)
+    order = range(rank - 1, -1, -1)  # innermost first
+    if fmt != torch.contiguous_format:
+        order = (1, *range(rank - 1, 1, -1), 0)  # C, (D,) H, W innermost first, then N
+    strides, step = [0] * rank, 1
+    for d in order:
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+def aten_layout_plan(x: Tensor):
+    """:func:`aten_layout` as a function, decided once for every tensor of ``x``'s shape and strides."""
+    fmt = suggest_memory_format(x)
+    strides = format_strides(x.shape, fmt)
+    if x.stride() == strides:
+        return _same
+    if x.is_contiguous(memory_format=fmt):
+        return lambda t: t.as_strided(t.shape, strides)
+    return lambda t: t.contiguous(memory_format=fmt)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def aten_layout(x: Tensor) -> Tensor:
+    """x with the strides of F.group_norm's output for x (dense in :func:`suggest_memory_format`, with that
+    format's own strides): x itself where it has them; a view where x is dense in that format but differs
+    in the strides of size-1 dims (they address nothing); else a copy. A kernel that allocates its output
+    with ``empty_like`` then returns what F.group_norm returns."""
+    if x.is_contiguous() and 1 not in x.shape and 0 not in x.shape:  # the common case, decided quickly
+        return x
+    fmt = suggest_memory_format(x)
+    strides = format_strides(x.shape, fmt)
+    if x.stride() == strides:
+        return x
+    if x.is_contiguous(memory_format=fmt):
+        return x.as_strided(x.shape, strides)
+    return x.contiguous(memory_format=fmt)
+
+
 # Plain Python: triton.next_power_of_2 and triton.cdiv go through Triton's constexpr-function wrapper,
 # several µs a call on a launcher's hot path.
 def pow2(n: int) -> int:

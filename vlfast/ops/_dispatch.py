@@ -15,20 +15,26 @@ An op is a subclass of :class:`Op` declaring
   differ from the device's default (None otherwise);
 - ``plan(inputs, choice, grad) -> run``: the eager call, with everything worked out from the metadata
   done once (``run`` takes the entry's arguments and only allocates and launches);
-- ``trace(inputs, choice)``: the call under ``torch.compile``, through the op's torch custom ops.
+- ``trace(inputs, choice)``: the call under ``torch.compile``, through the op's torch custom ops;
+- ``autocast_policy`` / ``autocast_args``: what PyTorch's autocast does to the aten op it fuses;
+- ``reference(*args)``: the entry's semantics in plain PyTorch (for ``torch.func`` transforms).
 
-:meth:`Op.__call__` then does the rest the same way for every op: at a geometry seen before (shapes,
-strides, dtypes, devices and the non-tensor arguments; whether gradients are recorded; the backend
-request), eager calls skip the checks and the planning and run the cached plan; otherwise it checks,
-selects the forward's backend and, where gradients are recorded, the backward's
-(:func:`vlfast.backends.select`), plans and caches. :func:`autograd` makes the eager training path and
-the custom op's ``register_autograd`` from one ``setup_context`` and one ``backward``.
+:meth:`Op.__call__` then does the rest the same way for every op: under autocast it casts the
+arguments as PyTorch would; under ``torch.compile`` and ``torch.jit.trace`` it calls the op's custom
+ops; under ``torch.func`` transforms and forward-mode AD it runs :meth:`Op.reference`. Otherwise, at a
+geometry seen before (shapes, strides, dtypes, devices and the non-tensor arguments; whether gradients
+are recorded; the backend request), eager calls skip the checks and the planning and run the cached
+plan; at a new one it checks, selects the forward's backend and, where gradients are recorded, the
+backward's (:func:`vlfast.backends.select`), plans and caches. :func:`autograd` makes the eager
+training path and the custom op's ``register_autograd`` from one ``setup_context`` and one ``backward``,
+with gradients of any order (the reference's where the backward itself is recorded).
 """
 
 import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from .. import backends
@@ -131,6 +137,10 @@ class Op:
     backward_backends: tuple[str, ...] = ()
     extension_ops: dict = {}
     values_only: frozenset = frozenset()  # entry argument positions that never change the plan
+    # PyTorch's autocast policy for the aten op this op fuses, per device type ("lower": the autocast
+    # dtype, "fp32": float32; absent: untouched), and the entry's tensor positions it applies to.
+    autocast_policy: dict = {}
+    autocast_args: tuple = ()
 
     def __init__(self):
         self.plans = PlanCache()
@@ -172,8 +182,15 @@ class Op:
     def __call__(self, *args, backend: Optional[str] = None):
         """Run the op on its entry's arguments (positional, in the entry's order)."""
         if torch.compiler.is_compiling():
+            inputs = self.check(*self.autocast(args))
+            return self.trace(inputs, self.select(inputs, backend, True))
+        if torch._C._is_any_autocast_enabled():
+            args = self.autocast(args)
+        if torch.jit.is_tracing():  # the trace records the custom ops (aten-level: it can be saved)
             inputs = self.check(*args)
             return self.trace(inputs, self.select(inputs, backend, True))
+        if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+            return self.transformed(args, backend)
         geometry, requires_grad = _geometry(args, self.values_only)
         grad = requires_grad and torch.is_grad_enabled()
         key = None
@@ -196,31 +213,106 @@ class Op:
             self.plans.put(key, Plan(report, run))
         return run(*args)
 
+    def autocast(self, args: tuple) -> tuple:
+        """The arguments as PyTorch's autocast would hand them to the aten op this op fuses: under an
+        enabled autocast of the input's device type, the floating tensors at :attr:`autocast_args` (not
+        float64) cast to the autocast dtype ("lower" policy) or to float32 ("fp32"); unchanged where
+        :attr:`autocast_policy` names no policy for that device type (the aten op is not in its lists)."""
+        x = args[0]
+        if not isinstance(x, Tensor):
+            return args
+        device_type = x.device.type
+        policy = self.autocast_policy.get(device_type)
+        if policy is None or not torch.is_autocast_enabled(device_type):
+            return args
+        dtype = torch.get_autocast_dtype(device_type) if policy == "lower" else torch.float32
+        args = list(args)
+        for i in self.autocast_args:
+            a = args[i]
+            if isinstance(a, Tensor) and a.is_floating_point() and a.dtype not in (dtype, torch.float64):
+                args[i] = a.to(dtype)
+        return tuple(args)
 
-def autograd(custom_op, setup_context: Callable, backward: Callable) -> type:
-    """Register ``backward`` as ``custom_op``'s autograd formula and return the eager training path: an
+    def transformed(self, args: tuple, backend: Optional[str]):
+        """Under ``torch.func`` transforms (grad, vmap, jacrev, jvp...) and forward-mode AD: the op's
+        :meth:`reference`, plain PyTorch that those transforms differentiate and batch like any PyTorch code
+        (no kernel sees a wrapped tensor). A forced backend other than the reference is refused."""
+        request = backend if backend is not None else backends.requested()
+        if request.partition("+")[0] not in ("auto", "reference"):
+            raise RuntimeError(f"vlfast: backend {request!r} cannot run {self.name} under torch.func transforms "
+                               "or forward-mode AD; only the reference (plain PyTorch) can")
+        backends.report({(self.name, "forward"): "reference"})
+        return self.reference(*args)
+
+    def reference(self, *args):
+        """The entry's semantics in plain PyTorch, for :meth:`transformed`: by default the reference
+        backend's plan (ops whose checks query layouts, which ``vmap`` cannot answer, call their
+        reference module directly instead)."""
+        return self.plan(self.check(*args), Choice("reference"), False)(*args)
+
+
+def autograd(custom_op, setup_context: Callable, backward: Callable, reference: Callable) -> type:
+    """Register the op's autograd formula on ``custom_op`` and return the eager training path: an
     ``autograd.Function`` with the same ``setup_context`` and ``backward``, whose ``apply(*op_args,
     forward)`` runs ``forward(*op_args)`` (the op's planned forward) instead of going through the custom
     op's Python dispatch layers, which cost more host time than the kernels take at U-Net sizes.
 
-    ``backward(ctx, *grads)`` returns one gradient per custom-op argument; ``ctx.eager`` is True on the
-    eager path, where it may call kernels directly instead of the op's custom ops.
+    ``setup_context(ctx, inputs, output)`` saves the custom op's tensor arguments first, in order
+    (None where absent), then anything else its backward needs; ``backward(ctx, *grads)`` returns one
+    gradient per custom-op argument; ``ctx.eager`` is True on the eager path, where it may call kernels
+    directly instead of the op's custom ops. ``reference(*op_args[:-1])`` (every argument but the
+    backend) gives the custom op's outputs in plain PyTorch: where autograd records the backward itself
+    (double backward: ``create_graph=True``), the gradients are those of the reference, differentiable
+    to any order.
     """
-    custom_op.register_autograd(backward, setup_context=setup_context)
+    schema = custom_op._opoverload._schema
+    tensor_args = tuple(i for i, a in enumerate(schema.arguments) if str(a.type) in ("Tensor", "Optional[Tensor]"))
 
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.op_args = tuple(None if i in tensor_args else a for i, a in enumerate(inputs))
+
+    def backward_any_order(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph: gradients autograd can differentiate again
+            return _reference_backward(ctx, grads, tensor_args, reference)
+        return backward(ctx, *grads)
+
+    custom_op.register_autograd(backward_any_order, setup_context=setup)
+
+    # Forward with ctx, not a setup_context staticmethod: apply then skips binding the arguments to a
+    # signature (inspect, ~40 us a call). torch.func never reaches it (Op.transformed).
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
             *inputs, forward = args
             output = forward(*inputs)
-            setup_context(ctx, tuple(inputs), output)
+            setup(ctx, tuple(inputs), output)
             ctx.eager = True
             return output
 
         @staticmethod
-        @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
-            return tuple(backward(ctx, *grads)) + (None,)
+            return tuple(backward_any_order(ctx, *grads)) + (None,)
 
     Function.__name__ = Function.__qualname__ = f"{custom_op._name.split('::')[-1]}_function"
     return Function
+
+
+def _reference_backward(ctx, grads: tuple, tensor_args: tuple, reference: Callable) -> list:
+    """The gradients of the op's custom-op arguments by autograd through ``reference``, recomputed from the
+    saved inputs with ``create_graph=True`` (the second-order path: gradient penalties, Hessian products)."""
+    args = list(ctx.op_args)
+    for i, t in zip(tensor_args, ctx.saved_tensors):
+        args[i] = t
+    with torch.enable_grad():
+        outputs = reference(*args[:-1])
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    wrt = [i for i in tensor_args if ctx.needs_input_grad[i] and args[i] is not None]
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    result = [None] * len(args)
+    if wrt and pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wrt, got):
+            result[i] = g if g is not None else torch.zeros_like(args[i])
+    return result

@@ -22,7 +22,7 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import check_tensor, memory_format
+from ._common import check_tensor, check_writable, memory_format
 
 _aten = torch.ops.aten
 
@@ -123,7 +123,7 @@ def _backward(ctx, grad):
     return gx, gw, gb if mask[2] else None, None, None, None, None, None, None, None
 
 
-_Function = _dispatch.autograd(conv_transpose2d_op, _setup_context, _backward)
+_Function = _dispatch.autograd(conv_transpose2d_op, _setup_context, _backward, _fwd_reference)
 
 
 # ---------------------------------------------------------------- the declaration
@@ -168,6 +168,8 @@ class ConvTranspose2d(_dispatch.Op):
     name = "conv_transpose2d"
     forward_backends = tuple(FWD)
     backward_backends = ("reference", "triton")  # see _backward
+    autocast_policy = {"cuda": "lower", "cpu": "lower"}  # aten's conv_transpose2d: the autocast dtype
+    autocast_args = (0, 1, 2)  # input, weight, bias (not out: its dtype is the caller's)
 
     def check(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
               out) -> Inputs:
@@ -183,6 +185,12 @@ class ConvTranspose2d(_dispatch.Op):
                              f"{tuple(weight.shape)}")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if 0 in weight.shape:  # F.conv_transpose2d refuses these too (torch 2.13, every dtype and layout)
+            raise ValueError(f"weight must have at least one input channel, output channel and kernel row and "
+                             f"column, got shape {tuple(weight.shape)}")
+        if 0 in input.shape[-2:] and (input.dim() == 3 or input.shape[0] > 0):  # as F.conv_transpose2d
+            raise ValueError(f"input of shape {tuple(input.shape)} has no pixels: only an empty batch is "
+                             f"supported")
         cin = input.shape[-3]
         if weight.shape[0] != cin:
             raise ValueError(f"weight of shape {tuple(weight.shape)} expects in_channels={weight.shape[0]}, but "
@@ -208,9 +216,19 @@ class ConvTranspose2d(_dispatch.Op):
         dst = None
         if out is not None:
             check_tensor("out", out, input, shape=shape[1:] if unbatched else shape)
+            # PyTorch's out= ops refuse a stride-0 dim of size > 1 (what torch._debug_has_internal_overlap(out)
+            # calls 1, written out so that torch.compile traces it), with these words.
+            if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride())):
+                raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers "
+                                   "to a single memory location. Please clone() the tensor before performing "
+                                   "the operation.")
             dst = out.unsqueeze(0) if unbatched else out
         return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, activation_code(activation),
                       dst, unbatched, shape, x.device, x.dtype)
+
+    def reference(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
+        return ref.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                    activation=activation, out=out)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
         """The Triton kernels index one sample (and the weight) with int32 and the batch's rows (output cells
@@ -229,8 +247,12 @@ class ConvTranspose2d(_dispatch.Op):
                            "(split the batch)")
         if i.groups > 65535:
             reasons.append(f"groups={i.groups}: the Triton kernels take at most 65535 (a grid axis)")
-        if direction == "forward" and _overrides.get("conv_transpose_kernel") == "subpixel" and i.dilation != [1, 1]:
-            reasons.append(f"the sub-pixel kernel takes dilation 1, got {i.dilation}")
+        if direction == "forward" and _overrides.get("conv_transpose_kernel") == "subpixel":
+            from .conv_transpose_triton import subpixel_takes
+            if not subpixel_takes(i.weight.shape[2:], i.stride, i.dilation):
+                reasons.append(f"the sub-pixel kernel takes dilation 1 and kernel sizes that are multiples of the "
+                               f"stride, got kernel {tuple(i.weight.shape[2:])}, stride {i.stride}, dilation "
+                               f"{i.dilation}")
         if direction == "backward" and i.dilation != [1, 1]:
             reasons.append(f"the Triton backward takes dilation 1, got {i.dilation}")
         return reasons
@@ -262,7 +284,11 @@ class ConvTranspose2d(_dispatch.Op):
         def run(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
             x = input.unsqueeze(0) if unbatched else input
             if out is not None:
+                check_writable(out)
                 into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
+                # A kernel's write is invisible to autograd: bump the version as PyTorch's out= ops do, so that
+                # a backward that saved out's old values raises instead of using the new ones.
+                torch.autograd.graph.increment_version(out)
                 return out
             y = forward(x, weight, bias)
             return y.squeeze(0) if unbatched else y
@@ -296,15 +322,16 @@ def _triton_pays(i: Inputs) -> bool:
 def _planned_into(name: str, inputs: Inputs):
     """into(dst, x, weight, bias) -> dst on backend ``name`` for tensors like these (batched); for Triton the
     launch is planned here once (``plan_into``: it reads the output's strides only, from a meta tensor where
-    no ``out`` is given)."""
+    no ``out`` is given; with an ``out``, right also where it shares memory with an input: ``overlap_safe``)."""
     geometry = inputs.conv_args()[3:]
     if name == "triton":
-        from .conv_transpose_triton import plan_into
+        from .conv_transpose_triton import overlap_safe, plan_into
         i = inputs
         target = i.dst if i.dst is not None else torch.empty(i.shape, dtype=i.dtype, device="meta",
                                                              memory_format=memory_format(i.x))
-        return plan_into(target, i.x, i.weight, i.bias, *geometry)
-    if name == "reference":
+        run = plan_into(target, i.x, i.weight, i.bias, *geometry)
+        return run if i.dst is None else overlap_safe(run, i.dst, i.x, i.weight, i.bias)
+    if name == "reference":  # computes the result, then copies it into dst: right even where they overlap
         return lambda dst, x, weight, bias: _into_reference(dst, x, weight, bias, *geometry)
     raise AssertionError(name)
 
@@ -315,6 +342,8 @@ def _planned_forward(name: str, inputs: Inputs, into):
     geometry = inputs.conv_args()[3:]
     if name == "reference":
         return lambda x, weight, bias: _fwd_reference(x, weight, bias, *geometry)
+    if inputs.dst is not None:  # into was planned for out's strides; the fresh output has its own
+        into = _planned_into(name, inputs._replace(dst=None))
     shape, fmt = inputs.shape, memory_format(inputs.x)
     return lambda x, weight, bias: into(torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
                                         x, weight, bias)

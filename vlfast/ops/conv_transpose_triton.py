@@ -5,20 +5,22 @@ vlfast/ops/conv_transpose.py; :func:`conv_transpose2d_into` is its Triton backen
 Kernels, chosen from the geometry (``kernel_for``; the private knob ``conv_transpose_kernel`` of
 vlfast/ops/_overrides.py forces one, for tests and benchmark probes):
 
-- dilation 1 where padded zero taps are at most half the work ("subpixel"): one GEMM over output
-  cells whose epilogue scatters each cell's s_h x s_w block (the U-Net up-conv k == s is its
-  one-tap case). Rows that no input pixel reaches (output_padding past the last cell) get act(bias)
+- dilation 1 and kernel sizes that are multiples of the stride ("subpixel": the U-Net up-conv k == s,
+  the VAE's k4 s2, FCN's k = 2s): one GEMM over output cells whose epilogue scatters each cell's
+  s_h x s_w block. Rows that no input pixel reaches (output_padding past the last cell) get act(bias)
   from a small torch fill. Where x or the output is W-contiguous (NCHW), row tiles are 2-D blocks
   of cells within one sample, so that loads along W are contiguous, and an NCHW output is stored
   as whole row segments (with a power-of-two stride along W). An NCHW input is read in place
   when it has one tap; with several taps and 16 or more channels per group it is first made
   channels_last (one pass over x), so that the gathered input tiles have contiguous K rows;
 - everything else ("phase"): the phase (sub-pixel) kernel, all s_h*s_w phases in one launch, with
-  the same channels_last rule.
+  the same channels_last rule. Where k is not a multiple of s the sub-pixel GEMM would multiply its
+  padded zero taps by real inputs, and an inf or NaN input would then make NaNs that PyTorch does not
+  (0 * inf); the phase kernel multiplies real taps only, so NaN and inf propagate as in PyTorch.
 
 Tile rules, the TF32 rule and the weight arrangements are the implicit-GEMM host side, vlfast/ops/igemm.py.
-The re-arranged weights are cached per weight tensor and version (``arranged_weight``): an in-place
-update (optimizer step, load_state_dict) makes a new version and is seen at the next call.
+The weight is re-arranged on every call (one copy kernel; see ``arranged_weight`` for why it is not
+cached), and float32 on CUDA reads PyTorch's TF32 setting on every call.
 """
 
 import functools
@@ -32,18 +34,23 @@ from .. import backends
 from ..reference.conv_transpose import ACTIVATIONS, activate
 from . import _overrides
 from ._common import cdiv, num_sms, pow2
-from .igemm import arranged_weight, backward_config, clamp_pow2, phase_config, precision, subpixel_config
+from .igemm import (arranged_weight, backward_config, clamp_pow2, phase_config, precision, precision_rule,
+                    subpixel_config)
 
-__all__ = ["conv_transpose2d_into", "plan_into", "conv_transpose2d_backward", "kernel_for", "precision"]
-
+__all__ = ["conv_transpose2d_into", "plan_into", "overlap_safe", "conv_transpose2d_backward", "kernel_for",
+           "precision"]
 
 
 def kernel_for(kernel_size, stride, dilation) -> str:
-    """"subpixel" for dilation 1 when the padded zero taps are at most half of its multiplies, else "phase"."""
-    if any(d != 1 for d in dilation):
-        return "phase"
-    padded = math.prod(cdiv(k, s) * s for k, s in zip(kernel_size, stride))
-    return "subpixel" if padded <= 2 * math.prod(kernel_size) else "phase"
+    """"subpixel" for dilation 1 and kernel sizes that are multiples of the stride (no padded zero taps),
+    else "phase"."""
+    return "subpixel" if subpixel_takes(kernel_size, stride, dilation) else "phase"
+
+
+def subpixel_takes(kernel_size, stride, dilation) -> bool:
+    """Whether the sub-pixel kernel computes this geometry as PyTorch does, NaN and inf included: dilation 1
+    and no padded zero tap (a padded tap would multiply real inputs by 0, and 0 * inf is NaN)."""
+    return all(d == 1 and k % s == 0 for k, s, d in zip(kernel_size, stride, dilation))
 
 
 def _channels_last_strides(shape) -> tuple[int, int, int, int]:
@@ -90,9 +97,9 @@ def conv_transpose2d_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional
     x: (N, Cin, H, W), any strides; weight: (Cin, Cout/groups, KH, KW); bias: (Cout,) or None;
     out: (N, Cout, OH, OW) with any strides (e.g. a channel slice of a concat buffer), x's dtype;
     float32/float16/bfloat16; activation: 0 none, 1 silu, 2 relu, 3 gelu (erf). The kernel is
-    :func:`kernel_for`'s, or the ``conv_transpose_kernel`` override's ("subpixel", dilation 1 only, or
-    "phase"; tests, benchmarks). Arguments are assumed checked (vlfast.ops.conv_transpose.conv_transpose2d
-    does it).
+    :func:`kernel_for`'s, or the ``conv_transpose_kernel`` override's ("subpixel" where
+    :func:`subpixel_takes` the geometry, or "phase"; tests, benchmarks). Arguments are assumed checked
+    (vlfast.ops.conv_transpose.conv_transpose2d does it).
     """
     run = plan_into(out, x, weight, bias, stride, padding, output_padding, groups, dilation, activation)
     return run(out, x, weight, bias)
@@ -103,7 +110,8 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     """Everything :func:`conv_transpose2d_into` works out from the tensors' metadata (kernel, cells, tiles,
     layouts, launch arguments), as ``run(out, x, weight, bias) -> out``, valid for any tensors with the
     same shapes, strides, dtypes and device as these; the op caches it per geometry. ``run`` still looks up
-    the arranged weight each call (cached per weight version: an in-place update is seen)."""
+    the weight's arrangement each call (a copy: whatever wrote the weight, the call sees it) and, for
+    float32 on CUDA, PyTorch's TF32 setting."""
     from vlfast.kernels.conv_transpose import conv_transpose2d_phase_kernel, conv_transpose2d_subpixel_kernel
 
     if x.dtype not in backends.KERNEL_DTYPES:
@@ -113,8 +121,11 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     _, cout_g, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kernel = _overrides.get("conv_transpose_kernel") or kernel_for((kh, kw), stride, dilation)
-    if kernel not in ("subpixel", "phase") or (kernel == "subpixel" and (dh, dw) != (1, 1)):
-        raise ValueError(f"kernel must be 'phase' or, for dilation 1, 'subpixel'; got {kernel!r}")
+    if kernel not in ("subpixel", "phase") or (kernel == "subpixel"
+                                               and not subpixel_takes((kh, kw), stride, dilation)):
+        raise ValueError(f"kernel must be 'phase' or, for dilation 1 and kernel sizes that are multiples of the "
+                         f"stride, 'subpixel'; got {kernel!r} for kernel {(kh, kw)}, stride {tuple(stride)}, "
+                         f"dilation {tuple(dilation)}")
     cin_g = cin // groups
 
     def fill(rows0: int, cols0: int):
@@ -130,7 +141,8 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
         return fill(0, 0)
     if max(x[0].numel(), out[0].numel(), weight.numel()) >= 2**31:
         raise ValueError("one sample holds 2**31 or more elements; the kernels index a sample with int32")
-    common = dict(HAS_BIAS=bias is not None, ACT=activation, PRECISION=precision(x.dtype, x.device))
+    common = dict(HAS_BIAS=bias is not None, ACT=activation)
+    prec = precision_rule(x.dtype, x.device)
     bias_copy = bias is not None and not bias.is_contiguous()
 
     def bias_arg(bias, weight):
@@ -163,15 +175,15 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
         launch = conv_transpose2d_subpixel_kernel[(m_tiles * cdiv(n_cols, cfg["BLOCK_N"]), groups)]
         ints = (n, h, w, oh, ow, ch0, cw0, n_ch, n_cw, ch0 * sh - ph, cw0 * sw - pw, cin_g, cout_g, sh, *xs,
                 *out.stride())
-        consts = dict(common, TH=th, TW=tw, SW=sw, RW_INNER=rw_inner, W_TILE=w_tile, W_ROWS_STORE=w_rows,
-                      CROP=bool(crop), **cfg)
+        consts = {p: dict(common, PRECISION=p, TH=th, TW=tw, SW=sw, RW_INNER=rw_inner, W_TILE=w_tile,
+                          W_ROWS_STORE=w_rows, CROP=bool(crop), **cfg) for p in ("ieee", "tf32")}
 
         def run_subpixel(out, x, weight, bias):
             if to_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             with backends.device_guard(x):
                 launch(x, arranged_weight(weight, groups, order, stride), bias_arg(bias, weight), out, *ints,
-                       **consts)
+                       **consts[prec()])
                 if uncovered:
                     _fill_uncovered(out, bias, activation, rows0, cols0)
             return out
@@ -188,15 +200,43 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
     launch = conv_transpose2d_phase_kernel[(num_m * cdiv(cout_g, cfg["BLOCK_N"]), sh * sw, groups)]
     ints = (n, h, w, oh, ow, cin_g, cout_g, kh, kw, sh, sw, ph, pw, dh, dw, gh, gw, invh, invw, dkh, dkw, dih, diw,
             num_m, *xs, *out.stride())
-    consts = dict(common, **cfg)
+    consts = {p: dict(common, PRECISION=p, **cfg) for p in ("ieee", "tf32")}
 
     def run_phase(out, x, weight, bias):
         if to_cl:
             x = x.contiguous(memory_format=torch.channels_last)
         with backends.device_guard(x):
-            launch(x, arranged_weight(weight, groups, "taps"), bias_arg(bias, weight), out, *ints, **consts)
+            launch(x, arranged_weight(weight, groups, "taps"), bias_arg(bias, weight), out, *ints, **consts[prec()])
         return out
     return run_phase
+
+
+def _span(t: Optional[Tensor]) -> int:
+    """Bytes from t's first element to just past its last (0 for None or an empty tensor)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def overlap_safe(run, out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """``run`` (a :func:`plan_into` plan) for outputs that may share memory with x, weight or bias, which
+    the kernels would read after writing them: such a call computes into a fresh tensor of the output's
+    strides and copies, giving what ``out.copy_(F.conv_transpose2d(...))`` gives. The memory spans of the
+    tensors decide (worked out here once per geometry, so that a call costs a few data_ptr reads);
+    interleaved views, such as two channel slices of one NCHW buffer, count as overlapping and take the copy."""
+    spans = (_span(out), _span(x), _span(weight), _span(bias))
+    if not spans[0]:
+        return run
+
+    def into(out, x, weight, bias):
+        lo = out.data_ptr()
+        hi = lo + spans[0]
+        for t, span in zip((x, weight, bias), spans[1:]):
+            if span and t.data_ptr() < hi and lo < t.data_ptr() + span:
+                fresh = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+                return out.copy_(run(fresh, x, weight, bias))
+        return run(out, x, weight, bias)
+    return into
 
 
 def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, groups: int,
@@ -229,7 +269,7 @@ def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, p
                 cfg = backward_config(n * h * w, cin_g, sw * cout_g, x.dtype)
                 grid = (cdiv(n * h * w, cfg["BLOCK_M"]) * cdiv(cin_g, cfg["BLOCK_N"]), groups)
                 conv_transpose2d_dgrad_kernel[grid](
-                    grad, wsp, dx, n, h, w, oh, ow, cin_g, cout_g, sh, ph, pw, *grad.stride(), *dx.stride(),
+                    grad, wsp, dx, n, h, w, oh, ow, cin_g, cout_g, kh, kw, sh, ph, pw, *grad.stride(), *dx.stride(),
                     PRECISION=prec, TH=th, TW=tw, SW=sw, GROUP_M=8, **cfg)
         if needs[1]:
             rows, cols, cells = th * tw * cin_g, sh * sw * cout_g, n * n_ch * n_cw

@@ -79,7 +79,8 @@ def timestep_args(timestep, batch: int, rows: int, device: torch.device):
         if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
             raise TypeError(f"timestep must hold integers, got {timestep.dtype}")
         if timestep.numel() != 1 and tuple(timestep.shape) != (batch,):
-            raise ValueError(f"timestep must be an int, a 0-d tensor or of shape ({batch},), got {tuple(timestep.shape)}")
+            raise ValueError(f"timestep must be an int, a 0-d tensor or of shape ({batch},), "
+                             f"got {tuple(timestep.shape)}")
         if timestep.device.type == "cpu":
             if timestep.numel() == 1:
                 timestep = int(timestep)
@@ -209,11 +210,11 @@ def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, tim
                backend: Optional[str] = None):
     """Checked entry to ``torch.ops.vlfast.ddpm_step``; returns ``(prev, x0 or None, noise or None)``.
 
-    sample: (B, *S) float32/float16/bfloat16 (float64 runs the reference), any
-    layout; model_output, variance, noise: like sample or None; coef: (R, 8)
-    float32 rows (see vlfast.reference.ddpm); timestep: int, 0-d tensor or (B,)
-    integer tensor. With ``draw_noise`` and no ``noise``, Gaussian noise is drawn
-    in the kernel from ``seed`` (default: drawn from ``generator``) and
+    sample: (B, *S) float32/float16/bfloat16 (float64 runs the reference, in
+    float64), any layout; model_output, variance, noise: like sample or None;
+    coef: (R, 8) float32 rows (see vlfast.reference.ddpm; float64 rows for a float64 sample);
+    timestep: int, 0-d tensor or (B,) integer tensor. With ``draw_noise`` and no ``noise``, Gaussian
+    noise is drawn in the kernel from ``seed`` (default: drawn from ``generator``) and
     ``offset``, plus ``rng_state[0]`` when given (advanced by one per call on the
     device). Equivalent PyTorch: ``vlfast.reference.ddpm.fused_step``.
     """

@@ -20,7 +20,7 @@ from ..reference import group_norm as ref
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import check_tensor, memory_format
+from ._common import aten_layout, aten_layout_plan, check_tensor, memory_format, suggest_memory_format
 
 
 # ---------------------------------------------------------------- backends
@@ -60,13 +60,16 @@ def _bwd_triton(dy, x, num_groups, weight, bias, eps, add, scale, shift, activat
 
 
 def _fwd_extension(x, num_groups, weight, bias, eps, add, scale, shift, activation):
-    """The extension's kernel: csrc/cpu/group_norm.cpp on CPU tensors, csrc/cuda/group_norm.cu on CUDA ones."""
-    return torch.ops.vlfast.group_norm_fwd_kernel(x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    """The extension's kernel: csrc/cpu/group_norm.cpp on CPU tensors, csrc/cuda/group_norm.cu on CUDA ones.
+    Its output has its input's strides: x is given those of F.group_norm's output first."""
+    return torch.ops.vlfast.group_norm_fwd_kernel(aten_layout(x), num_groups, weight, bias, eps, add, scale, shift,
+                                                  activation)
 
 
 def _bwd_cuda(dy, x, num_groups, weight, bias, eps, add, scale, shift, activation, mean, rstd, needs):
-    grads = torch.ops.vlfast.group_norm_bwd_kernel(dy, x, num_groups, weight, bias, add, scale, shift, activation,
-                                                   mean, rstd, [bool(n) for n in needs])
+    # x may have channels-last strides and not be dense: the kernel's layout first.
+    grads = torch.ops.vlfast.group_norm_bwd_kernel(dy, aten_layout(x), num_groups, weight, bias, add, scale, shift,
+                                                   activation, mean, rstd, [bool(n) for n in needs])
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
@@ -89,7 +92,9 @@ def group_norm_fwd(input: Tensor, num_groups: int, weight: Optional[Tensor], bia
 @group_norm_fwd.register_fake
 def _(input, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
     stats = input.new_empty((input.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(input), stats, torch.empty_like(stats)
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                      memory_format=suggest_memory_format(input))  # F.group_norm's layout, as the kernels give
+    return out, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("vlfast::group_norm_bwd", mutates_args=())
@@ -135,7 +140,7 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
     return g[0], None, g[1], g[2], None, g[3], g[4], g[5], None, None
 
 
-_Function = _dispatch.autograd(group_norm_fwd, _setup_context, _backward)
+_Function = _dispatch.autograd(group_norm_fwd, _setup_context, _backward, _fwd_reference)
 
 
 # ---------------------------------------------------------------- the declaration
@@ -161,6 +166,10 @@ class GroupNorm(_dispatch.Op):
     backward_backends = tuple(BWD)
     extension_ops = {"forward": ("group_norm_fwd_kernel",), "backward": ("group_norm_bwd_kernel",)}
     values_only = frozenset({4})  # eps
+    # aten's group_norm runs in float32 under CUDA autocast and untouched under CPU autocast (it takes
+    # 16-bit inputs with float32 parameters as they are); the fused extras go with the input.
+    autocast_policy = {"cuda": "fp32"}
+    autocast_args = (0, 2, 3, 5, 6, 7)  # input, weight, bias, add, scale, shift
 
     def check(self, input, num_groups, weight, bias, eps, add, scale, shift, activation) -> Inputs:
         if not isinstance(input, Tensor):
@@ -178,11 +187,18 @@ class GroupNorm(_dispatch.Op):
             check_tensor(name, t, input, shape=(c,), same_dtype=False)  # parameters may be of another dtype
         for name, t in (("add", add), ("scale", scale), ("shift", shift)):
             check_tensor(name, t, input, shape=(n, c), same_dtype=False)
+        # The output takes F.group_norm's layout (suggest_memory_format: channels_last(_3d) or contiguous). An
+        # input in neither layout is copied: to contiguous here (and on the planned path); one with
+        # channels-last strides but not dense by the backends themselves, into channels_last.
         x = input
-        if memory_format(input) == torch.contiguous_format and not input.is_contiguous():
+        if suggest_memory_format(input) == torch.contiguous_format and not input.is_contiguous():
             x = input.contiguous()
         return Inputs(x, num_groups, weight, bias, add, scale, shift, float(eps), activation_code(activation),
                       x is not input, x.device, x.dtype)
+
+    def reference(self, input, num_groups, weight, bias, eps, add, scale, shift, activation):
+        return ref.group_norm(input, num_groups, weight, bias, eps, add=add, scale=scale, shift=shift,
+                              activation=activation)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
         per_sample = math.prod(inputs.x.shape[1:])
@@ -240,6 +256,14 @@ def _planned_forward(name: str, inputs: Inputs):
             with backends.device_guard(x):
                 return launch(x, weight, bias, eps, add, scale, shift)
         return forward_triton
+
+    if name in ("cuda", "cpp"):  # the kernel's output has its input's strides: F.group_norm's, decided once
+        layout = aten_layout_plan(inputs.x)
+
+        def forward_extension(x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
+            return torch.ops.vlfast.group_norm_fwd_kernel(layout(x), num_groups, weight, bias, eps, add, scale,
+                                                          shift, activation)
+        return forward_extension
 
     def forward(x, num_groups, weight, bias, eps, add, scale, shift, activation, backend):
         return FWD[name](x, num_groups, weight, bias, eps, add, scale, shift, activation)

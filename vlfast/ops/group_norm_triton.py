@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _overrides
 from ..activations import code as activation_code
 from ..backends import KERNEL_DTYPES
-from ._common import cdiv, num_sms, pow2
+from ._common import cdiv, num_sms, pow2, suggest_memory_format
 
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
 SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
@@ -197,9 +197,9 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
     x: (N, C, *) float32/float16/bfloat16, NCHW-contiguous, channels_last(_3d) or (N, C, L) with unit
     channel stride (other layouts are copied to contiguous); weight, bias: (C,); add, scale, shift:
-    (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype and strides;
-    mean, rstd: (N, G) float32. The knobs of :mod:`vlfast.ops._overrides` override the heuristics
-    (tests, probes): ``group_norm_single_max`` (padded group elements; 0 forces the split path),
+    (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype, and the layout
+    and strides of F.group_norm's output (x's strides for (N, C, L) with unit channel stride); mean,
+    rstd: (N, G) float32. The knobs of :mod:`vlfast.ops._overrides` override the heuristics (tests, probes): ``group_norm_single_max`` (padded group elements; 0 forces the split path),
     ``group_norm_split_tile``, ``group_norm_split_programs`` and ``group_norm_groups_per_program``
     (the single-pass kernel: 0 the one-group kernel, k >= 1 the channel-run kernel with k groups a
     program, a power of two dividing G; any layout). Equivalent::
@@ -234,10 +234,14 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
     flags, _, (stride_an, stride_scn, stride_shn) = _params(weight, bias, add, scale, shift, n, c, x)
     copy_rows = tuple(t is not None and c > 1 and t.stride(1) != 1 for t in (add, scale, shift))
     x_strides = _strides_ncs(x)
+    fmt = suggest_memory_format(x)
     if x_strides is None or not _dense(x) or torch.empty_like(x).stride() != x.stride():
-        # A layout the kernels don't index: run on a contiguous copy.
-        inner = plan_fwd(x.contiguous(), num_groups, weight, bias, add, scale, shift, activation)
-        return lambda x, *rest: inner(x.contiguous(), *rest)
+        # A layout the kernels don't index: run on a copy, in the layout F.group_norm would give its output.
+        inner = plan_fwd(x.contiguous(memory_format=fmt), num_groups, weight, bias, add, scale, shift, activation)
+        return lambda x, *rest: inner(x.contiguous(memory_format=fmt), *rest)
+    # out in F.group_norm's layout: fmt's own strides, which differ from a dense x's only at size-1 dims
+    # (so the kernels index both with x's); x's strides for (N, C, L) with unit channel stride.
+    out_fmt = fmt if x.is_contiguous(memory_format=fmt) else torch.preserve_format
     stride_n, stride_c, stride_s = x_strides
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
     act = activation_code(activation)
@@ -245,7 +249,7 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
     group_size = float(cpg * s)
 
     def outputs(x):
-        out = torch.empty_like(x)
+        out = torch.empty_like(x, memory_format=out_fmt)
         mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
         rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
         return out, mean, rstd

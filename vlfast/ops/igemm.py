@@ -1,23 +1,20 @@
 """Host side of the implicit-GEMM convolution kernels (the core: vlfast/kernels/igemm.py): the tile rules,
-the TF32 rule and the weight arrangements with their cache, shared by the launchers of the convolution
-ops (today vlfast/ops/conv_transpose_triton.py).
+the TF32 rule and the weight arrangements, shared by the launchers of the convolution ops (today
+vlfast/ops/conv_transpose_triton.py).
 
 Tiles are chosen from the GEMM's shape (M rows, N columns, K = taps x Cin/G) and dtype: one small config
 below :data:`SMALL_MACS`, else :func:`tiles`; under Triton's interpreter one small shape
-(:func:`interpreter_tiles`). A weight is arranged once per weight version (:func:`arranged_weight`).
+(:func:`interpreter_tiles`). A weight is arranged on every call (:func:`arranged_weight`: one copy
+kernel), never cached: no key on a tensor (id, data pointer, version counter) sees every way PyTorch users
+write parameters (``p.data.copy_``, ``torch._foreach_mul_`` on ``p.data``, as EMA copies do, leave the
+version as it was), inference tensors have no version counter, and a shared cache needs a lock.
 """
-
-import weakref
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from ._common import cdiv, pow2
-
-_WT_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_WT_CACHE_SIZE = 32
 
 # Problems below this many multiply-adds share one small tile config: one compile serves them all.
 SMALL_MACS = 1 << 24
@@ -29,11 +26,39 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, pow2(n)))
 
 
+# torch >= 2.9 has the per-backend, per-op fp32_precision settings; reading the legacy allow_tf32 after
+# they have been set differently for cuDNN's conv and RNN raises there.
+_FP32_PRECISION = hasattr(torch.backends, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def cudnn_conv_tf32() -> bool:
+    """Whether PyTorch's cuDNN convolutions may use TF32 now: ``torch.backends.cudnn.conv.fp32_precision``
+    where torch has it ("none" inherits from ``torch.backends.cudnn.fp32_precision``, then from
+    ``torch.backends.fp32_precision``; "none" throughout is IEEE), else ``torch.backends.cudnn.allow_tf32``."""
+    if _FP32_PRECISION:
+        for scope in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+            setting = scope.fp32_precision
+            if setting != "none":
+                return setting == "tf32"
+        return False
+    return torch.backends.cudnn.allow_tf32
+
+
 def precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot's input_precision: TF32 for float32 only where PyTorch's convolutions may use it."""
-    if dtype == torch.float32 and (device.type != "cuda" or not torch.backends.cudnn.allow_tf32):
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit inputs
+    """tl.dot's input_precision now: TF32 for float32 only where PyTorch's convolutions may use it (the
+    torch setting is read for float32 CUDA tensors only)."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for 16-bit inputs
+    return "tf32" if device.type == "cuda" and cudnn_conv_tf32() else "ieee"
+
+
+def precision_rule(dtype: torch.dtype, device: torch.device):
+    """For a plan: a function of no arguments giving :func:`precision` at each call. Only float32 on CUDA
+    reads the torch setting each time (it may change between calls); other inputs get a constant."""
+    if dtype == torch.float32 and device.type == "cuda":
+        return lambda: precision(dtype, device)
+    fixed = precision(dtype, device)
+    return lambda: fixed
 
 
 def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool = True) -> dict:
@@ -87,33 +112,24 @@ def interpreter_tiles(m: int, n: int) -> dict:
 
 
 def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> Tensor:
-    """The weight arranged for a kernel, contiguous; cached per weight tensor and version.
+    """The weight arranged for a kernel, a new contiguous tensor (made on every call: one copy kernel, a
+    zero fill more for a sub-pixel arrangement with padded taps).
 
     weight (Cin, Cout/G, KH, KW). ``order``: "taps" -> (G, KH, KW, Cin/G, Cout/G), one matrix per tap
     (phase kernel); "subpixel_co" / "subpixel_rw" -> (G, TH*TW*Cin/G, SH*SW*Cout/G) with rows
     (th, tw, ci) and columns (rh, rw, co) / (rh, co, rw), entry w[ci, co, rh + th*SH, rw + tw*SW] or 0
-    past the kernel, TH = ceil(KH/SH), TW = ceil(KW/SW) (sub-pixel kernel).
+    past the kernel, TH = ceil(KH/SH), TW = ceil(KW/SW) (sub-pixel kernel, Triton backward). Equivalent::
+
+        w = weight.detach().reshape(G, Cin // G, Cout // G, KH, KW)
+        taps = w.permute(0, 3, 4, 1, 2).contiguous()
     """
-    key = (id(weight), weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device,
-           groups, order, tuple(stride))
-    hit = _WT_CACHE.get(key)
-    if hit is not None and hit[0]() is weight:
-        _WT_CACHE.move_to_end(key)
-        return hit[1]
     cin, cout_g, kh, kw = weight.shape
     w = weight.detach().reshape(groups, cin // groups, cout_g, kh, kw)
     if order == "taps":
-        wt = w.permute(0, 3, 4, 1, 2).contiguous()
-    else:
-        (sh, sw), (th, tw) = stride, (cdiv(kh, stride[0]), cdiv(kw, stride[1]))
+        return w.permute(0, 3, 4, 1, 2).contiguous()
+    (sh, sw), (th, tw) = stride, (cdiv(kh, stride[0]), cdiv(kw, stride[1]))
+    if (th * sh, tw * sw) != (kh, kw):
         w = torch.nn.functional.pad(w, (0, tw * sw - kw, 0, th * sh - kh))  # zero taps past the kernel
-        w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)       # kh = t*SH + r
-        dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
-        wt = w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()
-    try:
-        _WT_CACHE[key] = (weakref.ref(weight), wt)
-    except TypeError:  # a tensor subclass without weak references: no caching
-        return wt
-    while len(_WT_CACHE) > _WT_CACHE_SIZE:
-        _WT_CACHE.popitem(last=False)
-    return wt
+    w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)           # kh = t*SH + r
+    dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
+    return w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()

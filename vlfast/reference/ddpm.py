@@ -1,7 +1,8 @@
 """The fused DDPM/DDIM update, written as plain PyTorch: the spec every backend follows.
 
 One elementwise pass computes, for each sample ``n`` with coefficient row
-``k = coef[timesteps[n]]`` (or ``coef[timestep]``), in float32:
+``k = coef[timesteps[n]]`` (or ``coef[timestep]``), in float32 (float64 for a
+float64 sample, whose coef may then be float64 too):
 
     x0   = k[A_X] * x + k[A_M] * m                    # predicted original sample
     x0c  = clamp(x0, -s_n, s_n) / s_n                 # dynamic thresholding, if thresh
@@ -34,14 +35,14 @@ VAR_FIXED, VAR_LEARNED, VAR_LEARNED_RANGE = 0, 1, 2
 
 
 def gather_rows(coef: torch.Tensor, timesteps, timestep: int, batch: int) -> torch.Tensor:
-    """(batch, N_COEF) float32 rows; NaN rows for out-of-range timesteps."""
+    """(batch, N_COEF) rows in coef's dtype; NaN rows for out-of-range timesteps."""
     rows = coef.shape[0]
     if timesteps is None:
         t = torch.full((batch,), int(timestep), device=coef.device, dtype=torch.int64)
     else:
         t = timesteps.to(device=coef.device, dtype=torch.int64).reshape(-1).expand(batch)
     valid = (t >= 0) & (t < rows)
-    k = coef.float()[t.clamp(0, max(rows - 1, 0))]
+    k = coef[t.clamp(0, max(rows - 1, 0))]
     return torch.where(valid[:, None], k, torch.full_like(k, float("nan")))
 
 
@@ -50,42 +51,45 @@ def fused_step(sample, model_output, variance, noise, coef, timesteps, timestep,
     """Reference for ``torch.ops.vlfast.ddpm_step``; returns ``(prev, x0, noise)``.
 
     Shapes: sample (B, *S); model_output and variance None or like sample;
-    noise None or like sample; coef (R, 8) float32; timesteps None, (1,) or (B,)
-    int; thresh None or (B,) float32; rng_state None or (2,) int64.
+    noise None or like sample; coef (R, 8) float32 (or float64); timesteps None,
+    (1,) or (B,) int; thresh None or (B,) float32 (float64 beside a float64 sample);
+    rng_state None or (2,) int64.
+    Computes in float32, or float64 for a float64 sample.
     ``x0`` and ``noise`` are empty (0,) tensors unless asked for.
     """
     from .philox import randn_philox
 
     batch = sample.shape[0]
     per_sample = sample[0].numel() if batch else 0
-    k = gather_rows(coef, timesteps, timestep, batch)
+    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    k = gather_rows(coef.to(acc), timesteps, timestep, batch)
     view = (batch,) + (1,) * (sample.dim() - 1)
     col = lambda j: k[:, j].reshape(view)  # noqa: E731
-    x = sample.float()
-    m = model_output.float() if model_output is not None else torch.zeros_like(x)
+    x = sample.to(acc)
+    m = model_output.to(acc) if model_output is not None else torch.zeros_like(x)
 
     x0 = col(A_X) * x + col(A_M) * m
     if thresh is not None:
-        s = thresh.float().reshape(view)
+        s = thresh.to(acc).reshape(view)
         x0 = torch.minimum(torch.maximum(x0, -s), s) / s
     elif clip != float("inf"):
         x0 = x0.clamp(-clip, clip)
 
     sig = col(SIGMA)
     if var_mode == VAR_LEARNED:
-        sig = torch.where(sig != 0, sig * torch.sqrt(variance.float()), torch.zeros_like(x))
+        sig = torch.where(sig != 0, sig * torch.sqrt(variance.to(acc)), torch.zeros_like(x))
     elif var_mode == VAR_LEARNED_RANGE:
-        frac = (variance.float() + 1) / 2
+        frac = (variance.to(acc) + 1) / 2
         log_var = frac * col(LOG_MAX) + (1 - frac) * col(LOG_MIN)
         sig = torch.where(sig != 0, sig * torch.exp(0.5 * log_var), torch.zeros_like(x))
 
     prev = col(K_0) * x0 + col(K_X) * x + col(K_M) * m
     z = None
     if noise is not None:
-        z = noise.float()
+        z = noise.to(acc)
     elif draw_noise:
         off = offset if rng_state is None else rng_state[0] + offset
-        z = _in_memory_order(randn_philox(seed, off, batch, per_sample, sample.device), sample)
+        z = _in_memory_order(randn_philox(seed, off, batch, per_sample, sample.device), sample).to(acc)
         if rng_state is not None:
             rng_state[0] += 1
     if z is not None:

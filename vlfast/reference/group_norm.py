@@ -19,6 +19,7 @@ import torch
 # codes); these names stay importable from here.
 from ..activations import NAMES as ACTIVATIONS
 from ..activations import activate, activation_grad
+from ..ops._common import format_strides, suggest_memory_format
 
 
 def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -29,10 +30,10 @@ def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, add=None, scale=None, shift=None,
                activation=None, compute_dtype=torch.float32):
     """Reference forward; differentiable with autograd. Computes in ``compute_dtype`` (at least fp32),
-    returns ``input``'s dtype and memory format."""
+    returns ``input``'s dtype, and the memory format and strides F.group_norm gives its output."""
     dtype = input.dtype
     if input.numel() == 0:
-        return torch.empty_like(input)
+        return torch.empty_like(input, memory_format=suggest_memory_format(input))
     ct = torch.promote_types(compute_dtype, dtype)
     h = input.to(ct)
     if add is not None:
@@ -51,8 +52,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, add=None,
     if shift is not None:
         y = y + _per_channel(shift.to(ct), input.dim())
     out = activate(y, activation).to(dtype)
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
+    # The layout of F.group_norm's output: dense in the input's suggested memory format, with its own strides
+    # (not under torch.func transforms: vmap's tensors have no layout of their own, and refuse the clone).
+    fmt = suggest_memory_format(input)
+    if not torch._C._are_functorch_transforms_active() and out.stride() != format_strides(out.shape, fmt):
+        out = out.clone(memory_format=fmt)
     return out
 
 

@@ -8,17 +8,17 @@ from torch import Tensor
 
 from ..ops.ddpm import check_sample, fused_step
 from ..reference import ddpm as ref
-from ._base import SchedulerBase, check_like, spaced_timesteps, x0_columns
+# SchedulerMixin is looked up here by diffusers' pipeline loader: model_index.json names this module.
+from ._base import (SchedulerBase, SchedulerMixin, StepOutput, check_like, randn_per_sample,  # noqa: F401
+                    register_to_config, spaced_timesteps, table_dtype, x0_columns)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 @dataclass
-class DDIMSchedulerOutput:
-    """What :meth:`DDIMScheduler.step` returns: x_{t-1} and the (clipped) predicted x_0, both like ``sample``."""
-
-    prev_sample: Tensor
-    pred_original_sample: Optional[Tensor] = None
+class DDIMSchedulerOutput(StepOutput):
+    """What :meth:`DDIMScheduler.step` returns (diffusers' ``DDIMSchedulerOutput``): ``prev_sample`` and
+    ``pred_original_sample``, as a diffusers ``BaseOutput`` (see ``StepOutput``)."""
 
 
 class DDIMScheduler(SchedulerBase):
@@ -26,23 +26,33 @@ class DDIMScheduler(SchedulerBase):
 
     ``step`` runs one fused kernel (``vlfast.ops.ddpm.fused_step``) with no host-device
     synchronisation. Its coefficients are rows of a (num_train_timesteps, 8) table per
-    ``(eta, use_clipped_model_output)``, built on the host in float64 from the float32
-    ``alphas_cumprod`` (see :mod:`vlfast.schedulers`) after :meth:`set_timesteps`, moved once per device.
+    ``(eta, use_clipped_model_output)`` (the MAX_ETA_TABLES most recently used are kept per device),
+    built on the host in float64 from the float32 ``alphas_cumprod`` (see :mod:`vlfast.schedulers`)
+    after :meth:`set_timesteps`, moved once per device.
 
     In-kernel noise depends on the generator and on an on-device step counter that each step
     advances (so that a captured CUDA graph draws fresh noise on every replay); ``set_timesteps``
     restarts the counter, so reseeding the generator and calling ``set_timesteps`` reproduces a run.
+    A list of generators (one per sample) draws the noise as diffusers does (``torch.randn`` per
+    sample) and passes it to the kernel: sample i's noise depends on generator i alone.
+
+    Where diffusers is installed the class is a diffusers ``SchedulerMixin`` / ``ConfigMixin`` (saving,
+    loading, ``from_config``, ``compatibles`` as for diffusers' own; without it: ``_fallback.py``).
 
     Differences from diffusers: unknown ``beta_schedule`` / ``prediction_type`` / ``timestep_spacing``
-    raise ``ValueError`` in the constructor; ``timestep`` may be a per-sample (B,) tensor; the random
-    stream differs (in-kernel Philox instead of ``torch.randn``); ``model_output`` must have the dtype
-    of ``sample``; ``sqrt(1 - alpha_prev - std^2)`` is taken of a value clamped at 0 (diffusers: NaN if
-    float32 rounding makes it negative); with ``rescale_betas_zero_snr`` the "epsilon" prediction at the
-    last timestep (alphas_cumprod = 0) gives NaN where diffusers gives +-inf.
+    raise ``ValueError`` in the constructor; ``timestep`` may be a per-sample (B,) tensor; with one
+    generator (not a list) the random stream differs (in-kernel Philox instead of ``torch.randn``);
+    ``model_output`` must have the dtype of ``sample``; ``sqrt(1 - alpha_prev - std^2)`` is taken of a
+    value clamped at 0 (diffusers: NaN if float32 rounding makes it negative); a float
+    ``num_inference_steps`` works in ``step`` too (diffusers: IndexError). With ``rescale_betas_zero_snr``
+    and "epsilon", x0 at the last timestep (alphas_cumprod = 0) is +-2**100 (x - m) where diffusers has
+    +-inf: after clip_sample both give +-clip_sample_range (also with use_clipped_model_output); with
+    thresholding we give +-1 where diffusers gives NaN; with neither, both are huge or infinite.
     """
 
     order = 1
 
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -61,13 +71,14 @@ class DDIMScheduler(SchedulerBase):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        self._setup(locals(), BETA_SCHEDULES)
+        self._setup(BETA_SCHEDULES)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None) -> None:
-        """Set ``self.timesteps`` (descending int64, on ``device``) and drop the step tables.
+        """Set ``self.timesteps`` (descending int64, on ``device``) and rebuild the step tables.
 
-        Spacing by ``config.timestep_spacing`` (plus ``steps_offset`` for "leading"). With ``device``,
+        ``num_inference_steps``: an int, or a float as diffusers allows. Spacing by
+        ``config.timestep_spacing`` (plus ``steps_offset`` for "leading"). With ``device``,
         the eta = 0 table and the noise counter are put there now (needed before capturing a CUDA
         graph). Equivalent diffusers call: ``scheduler.set_timesteps(num_inference_steps, device=device)``.
         """
@@ -91,7 +102,7 @@ class DDIMScheduler(SchedulerBase):
         cfg = self.config
         ac = self.alphas_cumprod.double()
         t = torch.arange(cfg.num_train_timesteps)
-        prev = t - cfg.num_train_timesteps // self.num_inference_steps
+        prev = t - int(cfg.num_train_timesteps // self.num_inference_steps)
         ab = ac
         final = torch.full_like(ab, float(self.final_alpha_cumprod))
         ab_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
@@ -114,27 +125,30 @@ class DDIMScheduler(SchedulerBase):
             coef[:, ref.K_X] = c_dir * beta.sqrt()
             coef[:, ref.K_M] = c_dir * ab.sqrt()
         coef[:, ref.SIGMA] = std
-        return coef.float()
+        return coef
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
+             use_clipped_model_output: bool = False, generator=None,
              variance_noise: Optional[Tensor] = None, return_dict: bool = True, *,
              return_pred_original_sample: bool = True, backend: Optional[str] = None):
         """x_{t-1} from the model output at ``timestep``, in one fused kernel.
 
-        model_output, sample: (B, C, *S) float32/float16/bfloat16 (same dtype), any dense layout;
-        timestep: int, 0-d or per-sample (B,) integer tensor (read on the device); eta: the weight of
-        the noise (0: deterministic DDIM, 1: DDPM-like); with eta > 0 the noise is ``variance_noise``
-        or drawn in the kernel from ``generator``. Returns DDIMSchedulerOutput(prev_sample,
-        pred_original_sample) or, with ``return_dict=False``, that tuple. Equivalent diffusers call:
-        ``diffusers.DDIMScheduler.step(model_output, timestep, sample, eta, use_clipped_model_output,
-        generator, variance_noise)``. vlfast extras: ``return_pred_original_sample=False`` skips writing
-        pred_original_sample (None then; one tensor less to write), ``backend`` forces a backend.
+        model_output, sample: (B, C, *S) float32/float16/bfloat16 (same dtype; float64: computed in
+        float64 by the reference), any dense layout; timestep: int, numpy integer, 0-d or per-sample (B,)
+        integer tensor (a device one read on the device); eta: the weight of the noise (0: deterministic
+        DDIM, 1: DDPM-like); with eta > 0 the noise is ``variance_noise``, drawn in the kernel from
+        ``generator``, or, for a list of B (or 1) generators, diffusers' per-sample ``torch.randn`` noise.
+        Returns DDIMSchedulerOutput(prev_sample, pred_original_sample) or, with ``return_dict=False``,
+        that tuple. Equivalent diffusers call: ``diffusers.DDIMScheduler.step(model_output, timestep,
+        sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)``. vlfast extras
+        (keyword-only): ``return_pred_original_sample=False`` skips writing pred_original_sample (None
+        then; one tensor less to write), ``backend`` forces a backend.
         """
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         check_sample(sample)
+        timestep = self._host_timestep(timestep)
         eta = float(eta)
         noise, draw = None, False
         if eta > 0:
@@ -144,11 +158,15 @@ class DDIMScheduler(SchedulerBase):
             if variance_noise is not None:
                 check_like("variance_noise", variance_noise, sample)
                 noise = variance_noise
+            elif isinstance(generator, (list, tuple)):
+                noise = randn_per_sample(generator, sample)
             else:
                 draw = True
+        if isinstance(generator, (list, tuple)):
+            generator = None
         key = (eta, bool(use_clipped_model_output))
         device = sample.device
-        coef = self._table(key, device)
+        coef = self._table(key, device, table_dtype(sample.dtype))
         thresh = None
         if self._thresholding:
             thresh, timestep = self._thresholds(coef, model_output, timestep, sample)

@@ -9,7 +9,9 @@ from torch import Tensor
 
 from ..ops.ddpm import check_sample, fused_step
 from ..reference import ddpm as ref
-from ._base import SchedulerBase, check_choice, check_like, spaced_timesteps, x0_columns
+# SchedulerMixin is looked up here by diffusers' pipeline loader: model_index.json names this module.
+from ._base import (SchedulerBase, SchedulerMixin, StepOutput, check_choice, check_like,  # noqa: F401
+                    randn_per_sample, register_to_config, spaced_timesteps, table_dtype, x0_columns)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
@@ -17,11 +19,9 @@ STEP_TABLE = "step"
 
 
 @dataclass
-class DDPMSchedulerOutput:
-    """What :meth:`DDPMScheduler.step` returns: x_{t-1} and the (clipped) predicted x_0, both like ``sample``."""
-
-    prev_sample: Tensor
-    pred_original_sample: Optional[Tensor] = None
+class DDPMSchedulerOutput(StepOutput):
+    """What :meth:`DDPMScheduler.step` returns (diffusers' ``DDPMSchedulerOutput``): ``prev_sample`` and
+    ``pred_original_sample``, as a diffusers ``BaseOutput`` (see ``StepOutput``)."""
 
 
 class DDPMScheduler(SchedulerBase):
@@ -36,20 +36,33 @@ class DDPMScheduler(SchedulerBase):
     In-kernel noise depends on the generator and on an on-device step counter that each step
     advances (so that a captured CUDA graph draws fresh noise on every replay); ``set_timesteps``
     restarts the counter, so reseeding the generator and calling ``set_timesteps`` reproduces a run.
+    A list of generators (one per sample, as diffusers' pipelines pass) draws the noise as diffusers
+    does, with ``torch.randn`` per sample on the host side, and passes it to the kernel: sample i's
+    noise then depends on generator i alone, and equals diffusers'.
+
+    Where diffusers is installed the class is a diffusers ``SchedulerMixin`` / ``ConfigMixin``:
+    ``save_pretrained``, ``from_pretrained``, ``from_config``, ``compatibles`` and pipelines' saving and
+    loading work as for diffusers' own schedulers (without diffusers: vlfast.schedulers._fallback).
 
     Differences from diffusers:
       * ``variance_type="fixed_large_log"``: diffusers takes ``sqrt(log(beta_t))``, which is NaN; we use
         ``exp(0.5 * log(beta_t)) = sqrt(beta_t)``, so it samples exactly like ``"fixed_large"``.
       * Unknown ``beta_schedule`` / ``prediction_type`` / ``variance_type`` / ``timestep_spacing`` raise
         ``ValueError`` in the constructor (diffusers: ``NotImplementedError`` or an error at step time).
-      * ``step`` takes ``noise=`` (like DDIM's ``variance_noise``), a per-sample (B,) ``timestep`` tensor, and
-        gives NaN for a tensor timestep that is not in the schedule (diffusers: IndexError); an int one raises.
-      * The random stream differs (in-kernel Philox instead of ``torch.randn``); ``model_output`` must have
-        the dtype of ``sample``; learned variance types need the 2C-channel ``model_output``.
+      * ``step`` takes keyword-only ``noise=`` (like DDIM's ``variance_noise``) and a per-sample (B,)
+        ``timestep`` tensor. A host timestep (int, numpy integer, CPU tensor) not in the schedule raises
+        ValueError; a CUDA tensor one gives NaN (read on the device, no synchronisation; diffusers: IndexError).
+      * With one generator (not a list) the random stream differs (in-kernel Philox instead of
+        ``torch.randn``); ``model_output`` must have the dtype of ``sample``; learned variance types need
+        the 2C-channel ``model_output``.
+      * With ``rescale_betas_zero_snr`` and "epsilon", x0 at the last timestep (alphas_cumprod = 0) is
+        +-2**100 (x - m) where diffusers has +-inf: the same after clip_sample; with thresholding we give
+        +-1 where diffusers gives NaN.
     """
 
     order = 1
 
+    @register_to_config
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -69,12 +82,11 @@ class DDPMScheduler(SchedulerBase):
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        self._setup(locals(), BETA_SCHEDULES)
+        self._setup(BETA_SCHEDULES)
         self.one = torch.tensor(1.0)
         self.custom_timesteps = False
-        self._schedule: Optional[frozenset] = None  # the timesteps step accepts, None: all
-        self._var_mode = {"learned": ref.VAR_LEARNED, "learned_range": ref.VAR_LEARNED_RANGE}.get(variance_type,
-                                                                                                 ref.VAR_FIXED)
+        var_modes = {"learned": ref.VAR_LEARNED, "learned_range": ref.VAR_LEARNED_RANGE}
+        self._var_mode = var_modes.get(variance_type, ref.VAR_FIXED)
 
     @property
     def variance_type(self) -> str:
@@ -84,10 +96,10 @@ class DDPMScheduler(SchedulerBase):
                       timesteps: Optional[list] = None) -> None:
         """Set ``self.timesteps`` (descending int64, on ``device``) and rebuild the step table.
 
-        Either ``num_inference_steps`` (spaced by ``config.timestep_spacing``, plus ``steps_offset``
-        for "leading") or descending custom ``timesteps``. With ``device``, the table and the noise
-        counter are put there now (needed before capturing a CUDA graph). Equivalent diffusers call:
-        ``scheduler.set_timesteps(num_inference_steps, device=device, timesteps=timesteps)``.
+        Either ``num_inference_steps`` (an int, or a float as diffusers allows; spaced by
+        ``config.timestep_spacing``, plus ``steps_offset`` for "leading") or descending custom ``timesteps``.
+        With ``device``, the table and the noise counter are put there now (needed before capturing a CUDA
+        graph). Equivalent diffusers call: ``scheduler.set_timesteps(num_inference_steps, device, timesteps)``.
         """
         T = self.config.num_train_timesteps
         if num_inference_steps is not None and timesteps is not None:
@@ -110,7 +122,7 @@ class DDPMScheduler(SchedulerBase):
             self.num_inference_steps = num_inference_steps
             self.custom_timesteps = False
         self.timesteps = torch.from_numpy(array).to(device)
-        self._schedule = frozenset(array.tolist())
+        self._schedule = frozenset(array.tolist()) if self._uses_schedule() else None
         self._new_schedule(device, (STEP_TABLE,))
 
     def _uses_schedule(self) -> bool:
@@ -136,7 +148,8 @@ class DDPMScheduler(SchedulerBase):
             ts = self.timesteps.cpu().tolist()
             first = {}
             for i, t in enumerate(ts):  # diffusers takes the first occurrence of t
-                first.setdefault(t, ts[i + 1] if i + 1 < len(ts) else -1)
+                if t < T:  # "leading" with steps_offset can give t = T, which has no row (nor in diffusers)
+                    first.setdefault(t, ts[i + 1] if i + 1 < len(ts) else -1)
             t = torch.tensor(list(first.keys()), dtype=torch.int64)
             prev = torch.tensor(list(first.values()), dtype=torch.int64)
         else:
@@ -166,27 +179,45 @@ class DDPMScheduler(SchedulerBase):
         rows[:, ref.SIGMA] = torch.where(t > 0, sigma, torch.zeros_like(sigma))  # no noise at t = 0
         coef = torch.full((T, ref.N_COEF), float("nan"), dtype=torch.float64)
         coef[t] = rows
-        return coef.float()
+        return coef
 
-    def _check_in_schedule(self, timestep: int) -> None:
-        """Host-side check of an int timestep against the schedule (tensors are checked on the device: NaN)."""
-        if self._schedule is not None and self._uses_schedule() and timestep not in self._schedule:
-            raise ValueError(f"timestep {timestep} is not in the schedule set by set_timesteps "
-                             f"({len(self._schedule)} timesteps from {max(self._schedule)} to {min(self._schedule)})")
+    def _get_variance(self, t, predicted_variance: Optional[Tensor] = None, variance_type: Optional[str] = None):
+        """The variance term of timestep ``t``, exactly as diffusers' ``DDPMScheduler._get_variance`` gives it
+        (float32; "fixed_large_log" gives log(beta_t)). ``step`` does not call it: its table holds the same."""
+        prev_t = self.previous_timestep(t)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+        variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
+        variance_type = variance_type or self.config.variance_type
+        if variance_type == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(variance))
+        if variance_type == "fixed_large":
+            return current_beta_t
+        if variance_type == "fixed_large_log":
+            return torch.log(current_beta_t)
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(current_beta_t) + (1 - frac) * torch.log(variance)
+        return variance  # fixed_small
 
-    def step(self, model_output: Tensor, timestep, sample: Tensor, generator: Optional[torch.Generator] = None,
-             noise: Optional[Tensor] = None, return_dict: bool = True, *, return_pred_original_sample: bool = True,
-             backend: Optional[str] = None):
+    def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
+             noise: Optional[Tensor] = None, return_pred_original_sample: bool = True, backend: Optional[str] = None):
         """x_{t-1} from the model output at ``timestep``, in one fused kernel.
 
         model_output: (B, C, *S), or (B, 2C, *S) for learned variance types (the second half is the
-        predicted variance); sample: (B, C, *S) float32/float16/bfloat16, any dense layout; timestep: int,
-        0-d or per-sample (B,) integer tensor (read on the device); noise: optional (B, C, *S) replacing
-        the in-kernel draw from ``generator``. Returns DDPMSchedulerOutput(prev_sample, pred_original_sample)
-        or, with ``return_dict=False``, that tuple. Equivalent diffusers call:
-        ``diffusers.DDPMScheduler.step(model_output, timestep, sample, generator=generator)``.
-        vlfast extras: ``return_pred_original_sample=False`` skips writing pred_original_sample (None
-        then; one tensor less to write), ``backend`` forces a backend.
+        predicted variance); sample: (B, C, *S) float32/float16/bfloat16 (float64: computed in float64 by
+        the reference), any dense layout; timestep: int, numpy integer, 0-d or per-sample (B,) integer
+        tensor (a host one is checked against the schedule, a device one read on the device); generator:
+        a torch.Generator (noise drawn in the kernel) or a list of B (or 1) of them (diffusers' per-sample
+        ``torch.randn`` noise). Returns DDPMSchedulerOutput(prev_sample, pred_original_sample) or, with
+        ``return_dict=False``, that tuple. Equivalent diffusers call:
+        ``diffusers.DDPMScheduler.step(model_output, timestep, sample, generator, return_dict)``.
+        vlfast extras (keyword-only): ``noise`` (B, C, *S) replaces the drawn noise;
+        ``return_pred_original_sample=False`` skips writing pred_original_sample (None then; one tensor less
+        to write); ``backend`` forces a backend.
         """
         check_sample(sample)
         variance, var_mode = None, self._var_mode
@@ -198,16 +229,19 @@ class DDPMScheduler(SchedulerBase):
                                  f"sample's channels (noise and variance); got model_output of shape "
                                  f"{tuple(model_output.shape)} for a sample of shape {tuple(sample.shape)}")
             model_output, variance = torch.split(model_output, sample.shape[1], dim=1)
-        if type(timestep) is int:
-            self._check_in_schedule(timestep)
+        timestep = self._host_timestep(timestep)
         device = sample.device
-        coef = self._table(STEP_TABLE, device)
+        coef = self._table(STEP_TABLE, device, table_dtype(sample.dtype))
         thresh = None
         if self._thresholding:
             thresh, timestep = self._thresholds(coef, model_output, timestep, sample)
         if noise is not None:
             check_like("noise", noise, sample)
         draw = noise is None and not (type(timestep) is int and timestep == 0)  # diffusers: no noise at t = 0
+        if isinstance(generator, (list, tuple)):
+            if draw:
+                noise, draw = randn_per_sample(generator, sample), False
+            generator = None
         prev, x0, _ = fused_step(sample, model_output, coef, timestep, variance=variance, noise=noise, thresh=thresh,
                                  clip=self._clip, var_mode=var_mode, draw_noise=draw, generator=generator,
                                  rng_state=self._rng_arg(device, draw), write_x0=return_pred_original_sample,
