@@ -49,5 +49,16 @@ def poison_empty():
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
+def pytorch_module_db() -> dict:
+    """{name: ModuleInfo} of PyTorch's own module samples (torch.testing._internal.common_modules), imported
+    so that the rest of the session may still set torch.backends flags: importing PyTorch's test utilities
+    freezes them (torch.backends.disable_global_flags), which would break every later test that sets one."""
+    common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+    # Undo torch.backends.disable_global_flags(). torch.backends is a module wrapper: the flag lives in the
+    # globals of its functions (torch 2.13, 2026-11-30).
+    torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    return {m.name: m for m in common_modules.module_db}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is present)")

@@ -55,3 +55,31 @@ def test_group_norm_loads_channel_parameters_once_per_channel(compiled, case):
     r = compiled[case]
     scalar = sum(v for k, v in r["loads"].items() if ".v" not in k)
     assert scalar <= 32, r["loads"]
+
+
+@pytest.mark.parametrize("case", ["conv2d N8 256-256 64 k3d2 bf16 NHWC", "conv2d N8 256-256 64 k3d2 bf16 NCHW",
+                                  "conv2d N8 64-64 128 k3d8 bf16 NHWC"])
+def test_conv2d_stores_vectors_on_tensor_cores(compiled, case):
+    """The dilated conv's implicit GEMM runs on wgmma and stores 16-byte vectors: channel runs for a
+    channels_last output, runs along W of its 2-D row tiles for an NCHW one (1-D tiles scattered single
+    elements there and spilled)."""
+    r = compiled[case]
+    assert r["wgmma"], case
+    assert "st.global.v4.b32" in r["stores"], r["stores"]
+
+
+@pytest.mark.parametrize("case", ["conv2d depthwise N8 256 64 k3d2 bf16 NHWC",
+                                  "conv2d depthwise N8 256 64 k3d2 bf16 NCHW"])
+def test_conv2d_depthwise_stores_vectors(compiled, case):
+    """The direct depthwise kernel stores 16-byte vectors in both layouts; channels_last reads vectors too."""
+    r = compiled[case]
+    assert "st.global.v4.b32" in r["stores"], r["stores"]
+    if case.endswith("NHWC"):
+        assert is_vector(r["loads"]) and "ld.global.b16" not in r["loads"], r["loads"]
+
+
+@pytest.mark.parametrize("case", ["conv2d dgrad N8 256-256 64 k3d2 bf16 NHWC",
+                                  "conv2d wgrad N8 256-256 64 k3d2 bf16 NHWC"])
+def test_conv2d_backward_on_tensor_cores(compiled, case):
+    """dx (the transposed convolution's phase kernel at dilation 2) and dweight both run on wgmma."""
+    assert compiled[case]["wgmma"], case

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vlfast
+from conftest import pytorch_module_db
 from vlfast import backends
 from vlfast.testing import assert_close
 
@@ -38,11 +39,13 @@ def no_tf32():
 
 
 class TinyUNet(nn.Module):
-    """Conv + GroupNorm + SiLU down, a 2x2 stride-2 transposed convolution up, the skip concatenated."""
+    """Conv + GroupNorm + SiLU down, a dilated context conv, a 2x2 stride-2 transposed convolution up, the
+    skip concatenated."""
 
     def __init__(self, c: int = 8, groups: int = 4):
         super().__init__()
         self.inc = nn.Conv2d(3, c, 3, padding=1)
+        self.context = nn.Conv2d(c, c, 3, padding=2, dilation=2)
         self.norm1 = nn.GroupNorm(groups, c)
         self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
         self.norm2 = nn.GroupNorm(groups, 2 * c)
@@ -51,7 +54,7 @@ class TinyUNet(nn.Module):
         self.out = nn.Conv2d(2 * c, 3, 1)
 
     def forward(self, x):
-        h1 = F.silu(self.norm1(self.inc(x)))
+        h1 = F.silu(self.norm1(self.context(self.inc(x))))
         h2 = F.silu(self.norm2(self.down(h1)))
         h = F.silu(self.norm3(torch.cat([self.up(h2), h1], 1)))
         return self.out(h)
@@ -81,7 +84,8 @@ def kinds(model) -> set:
 
 def test_convert_swaps_every_layer_and_keeps_the_outputs(backend):
     plain, fast = pair()
-    assert {vlfast.nn.GroupNorm, vlfast.nn.ConvTranspose2d} <= kinds(fast)
+    assert {vlfast.nn.GroupNorm, vlfast.nn.ConvTranspose2d, vlfast.nn.Conv2d} <= kinds(fast)
+    assert type(fast.inc) is nn.Conv2d  # not dilated: left to PyTorch by default
     assert fast.state_dict().keys() == plain.state_dict().keys()
     x = images()
     for mode in ("train", "eval"):
@@ -91,8 +95,7 @@ def test_convert_swaps_every_layer_and_keeps_the_outputs(backend):
 
 # ---------------------------------------------------------------- PyTorch's own module samples
 def module_samples():
-    common_modules = pytest.importorskip("torch.testing._internal.common_modules")
-    infos = {m.name: m for m in common_modules.module_db}
+    infos = pytorch_module_db()
     return [(infos[f"nn.{name}"], getattr(vlfast.nn, name)) for name in ("GroupNorm", "ConvTranspose2d")]
 
 

@@ -170,6 +170,40 @@ def conv_transpose_backward_case(n, cin, cout, h, k, s, p, which: str, dtype=Non
     return compile_launch(*call)
 
 
+def conv2d_case(n, cin, cout, h, k, d, x_nhwc: bool, out_nhwc: bool, groups=1, dtype=None) -> Compiled:
+    """The forward launch of conv2d_triton's plan at this geometry ("same" padding d*(k-1)/2, stride 1, bias,
+    ReLU): the implicit-GEMM kernel, or the depthwise one where groups == cin."""
+    import torch
+    from vlfast.kernels import conv2d as kernels
+    from vlfast.ops.conv2d_triton import plan_into
+    dtype = dtype or torch.bfloat16
+    p = d * (k - 1) // 2
+    x, out = _meta((n, cin, h, h), dtype, x_nhwc), _meta((n, cout, h, h), dtype, out_nhwc)
+    w, b = _meta((cout, cin // groups, k, k), dtype), _meta((cout,), dtype)
+
+    def run():
+        plan = plan_into(out, x, w, b, None, [1, 1], [p, p], [d, d], groups, 2)
+        plan(out, x, w, b, None)
+    (call,) = launches(kernels, run)
+    return compile_launch(*call)
+
+
+def conv2d_backward_case(n, cin, cout, h, k, d, which: str, dtype=None) -> Compiled:
+    """The dgrad (the transposed convolution's phase kernel) or wgrad launch of ``conv2d_backward``
+    (channels_last, "same" padding, stride 1)."""
+    import torch
+    from vlfast.kernels import conv2d, conv_transpose
+    from vlfast.ops.conv2d_triton import conv2d_backward
+    dtype = dtype or torch.bfloat16
+    p = d * (k - 1) // 2
+    x, dy = _meta((n, cin, h, h), dtype, True), _meta((n, cout, h, h), dtype, True)
+    needs = (which == "dgrad", which == "wgrad")
+    calls = launches(conv_transpose if which == "dgrad" else conv2d, lambda: conv2d_backward(
+        dy, x, _meta((cout, cin, k, k), dtype), [1, 1], [p, p], [d, d], 1, needs))
+    (call,) = calls
+    return compile_launch(*call)
+
+
 def group_norm_case(n, c, g, hw, channels_last: bool, backward=False, dtype=None) -> Compiled:
     """The GroupNorm launch of the ddpm pattern (add, fp32 weight and bias, SiLU) at this shape: the
     forward's first kernel, or the backward's first (every gradient needed)."""
@@ -200,6 +234,13 @@ CASES = {
     "gn 16x256x64x64 bf16 NHWC": lambda: group_norm_case(16, 256, 32, 64 * 64, True),
     "gn 64x128x32x32 bf16 NHWC": lambda: group_norm_case(64, 128, 32, 32 * 32, True),
     "gn backward 64x128x32x32 bf16 NCHW": lambda: group_norm_case(64, 128, 32, 32 * 32, False, backward=True),
+    "conv2d N8 256-256 64 k3d2 bf16 NHWC": lambda: conv2d_case(8, 256, 256, 64, 3, 2, True, True),
+    "conv2d N8 256-256 64 k3d2 bf16 NCHW": lambda: conv2d_case(8, 256, 256, 64, 3, 2, False, False),
+    "conv2d N8 64-64 128 k3d8 bf16 NHWC": lambda: conv2d_case(8, 64, 64, 128, 3, 8, True, True),
+    "conv2d depthwise N8 256 64 k3d2 bf16 NHWC": lambda: conv2d_case(8, 256, 256, 64, 3, 2, True, True, groups=256),
+    "conv2d depthwise N8 256 64 k3d2 bf16 NCHW": lambda: conv2d_case(8, 256, 256, 64, 3, 2, False, False, groups=256),
+    "conv2d dgrad N8 256-256 64 k3d2 bf16 NHWC": lambda: conv2d_backward_case(8, 256, 256, 64, 3, 2, "dgrad"),
+    "conv2d wgrad N8 256-256 64 k3d2 bf16 NHWC": lambda: conv2d_backward_case(8, 256, 256, 64, 3, 2, "wgrad"),
 }
 
 

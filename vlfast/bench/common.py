@@ -163,3 +163,36 @@ def format_table(headers: list[str], lines: list[list[str]]) -> str:
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(headers)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
+
+
+def matmul_tflops(device_type: str = "cuda", n: int = 8192) -> float:
+    """Measured bf16 ``torch.matmul`` rate (n x n x n) in TFLOP/s; 0 on a CPU (not measured there)."""
+    if device_type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = bench(lambda: a @ b, torch.device("cuda"))
+    return 2 * n**3 / (t.median * 1e-6) / 1e12
+
+
+def conv_flops_table(rows, op: str, ran: bool = False) -> str:
+    """TFLOP/s, % of the measured bf16 matmul rate and speed-ups over eager and torch.compile of the rows of
+    ``op`` (a convolution); ``ran`` adds the backend each vlfast forward ran (the rows' ``extra["ran"]``)."""
+    base = {(r.op, r.case, r.provider): r.timing.median for r in rows if r.timing}
+    lines = []
+    for r in rows:
+        if not r.op.startswith(op):
+            continue
+        if r.timing is None:
+            lines.append([r.op, r.case, r.provider, "failed"] + [""] * (6 if ran else 5))
+            continue
+        graph = r.provider.startswith("graph:")  # graph rows against the graph-replayed eager (cuDNN)
+        t, eager = r.timing.median, base.get((r.op, r.case, "graph:eager" if graph else "eager"))
+        comp = None if graph else base.get((r.op, r.case, "torch.compile"))
+        pct = r.extra.get("pct_matmul")
+        lines.append([r.op, r.case, r.provider, f"{t:.1f}", f"{r.timing.p20:.1f}-{r.timing.p80:.1f}",
+                      f"{r.extra['tflops']:.3g}", f"{pct:.0f}%" if pct is not None else "-",
+                      f"{eager / t:.2f}x" if eager else "-", f"{comp / t:.2f}x" if comp else "-"]
+                     + ([r.extra.get("ran", "")] if ran else []))
+    headers = ["op", "case", "provider", "median us", "p20-p80", "TFLOP/s", "% matmul", "vs eager", "vs compile"]
+    return format_table(headers + (["vlfast ran"] if ran else []), lines)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import backends
 from ..ops.conv_transpose import conv_transpose2d
-from .common import Row, bench, bench_graph, compiled, format_table
+from .common import Row, bench, bench_graph, compiled, conv_flops_table, matmul_tflops
 
 # name: (N, Cin, Cout, H=W, k, stride, padding, output_padding)
 ANCHOR_CASES = {
@@ -36,16 +36,6 @@ CONCAT_CASE = "N8 1024-512 32 k2s2"  # + a 512-channel skip at 64x64
 
 
 @functools.cache
-def matmul_tflops(device_type: str = "cuda", n: int = 8192) -> float:
-    """Measured bf16 ``torch.matmul`` rate (n x n x n) in TFLOP/s; 0 on a CPU (not measured there)."""
-    if device_type != "cuda":
-        return 0.0
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t = bench(lambda: a @ b, torch.device("cuda"))
-    return 2 * n**3 / (t.median * 1e-6) / 1e12
-
-
 def _runnable(device):
     """vlfast backends to time: Triton on a GPU; the reference entry on a CPU (Triton there only interprets)."""
     names = [bk for bk in backends.BACKENDS if bk != "reference"
@@ -216,20 +206,4 @@ def _time(op, label, dtype, name, fn, device, nbytes, flops, graph=False):
 
 def flops_table(rows) -> str:
     """TFLOP/s, % of the measured bf16 matmul rate and speed-up over eager and torch.compile, per row."""
-    base = {(r.op, r.case, r.provider): r.timing.median for r in rows if r.timing}
-    lines = []
-    for r in rows:
-        if not r.op.startswith("conv_transpose2d"):
-            continue
-        if r.timing is None:
-            lines.append([r.op, r.case, r.provider, "failed", "", "", "", "", ""])
-            continue
-        graph = r.provider.startswith("graph:")  # graph rows against the graph-replayed eager (cuDNN)
-        t, eager = r.timing.median, base.get((r.op, r.case, "graph:eager" if graph else "eager"))
-        comp = None if graph else base.get((r.op, r.case, "torch.compile"))
-        pct = r.extra.get("pct_matmul")
-        lines.append([r.op, r.case, r.provider, f"{t:.1f}", f"{r.timing.p20:.1f}-{r.timing.p80:.1f}",
-                      f"{r.extra['tflops']:.3g}", f"{pct:.0f}%" if pct is not None else "-",
-                      f"{eager / t:.2f}x" if eager else "-", f"{comp / t:.2f}x" if comp else "-"])
-    headers = ["op", "case", "provider", "median us", "p20-p80", "TFLOP/s", "% matmul", "vs eager", "vs compile"]
-    return format_table(headers, lines)
+    return conv_flops_table(rows, "conv_transpose2d")

@@ -1,6 +1,7 @@
 """What the ops' Python layers share: the output memory format and the integer arithmetic of launch grids."""
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -13,6 +14,57 @@ def memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def pair(v, name: str, low: int) -> list[int]:
+    """int or a sequence of 1 or 2 ints -> [a, b], each >= low (a convolution's stride, padding, ...)."""
+    if isinstance(v, (list, tuple, torch.Size)) and len(v) in (1, 2):
+        vals = list(v) * (2 // len(v))
+    else:
+        vals = [v, v]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in vals):
+        raise TypeError(f"{name} must be an int or a tuple of 2 ints, got {v!r}")
+    if any(x < low for x in vals):
+        what = "positive" if low == 1 else "non-negative"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return vals
+
+
+def check_conv_operands(input, weight: Tensor, groups, op: str, weight_dims: str) -> None:
+    """The checks both convolutions make of input, weight and groups, as PyTorch's refuse them: a
+    floating-point 3-D or 4-D input with pixels (unless the batch is empty), a 4-D weight of the input's
+    dtype and device with no zero dimension, a positive int groups. ``weight_dims`` names the weight's
+    dimensions for the error message."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
+    check_tensor("weight", weight, input, required=True)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D ({weight_dims}), got shape {tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if 0 in weight.shape:  # F.conv2d and F.conv_transpose2d refuse these too (torch 2.13, every dtype and layout)
+        raise ValueError(f"weight must have no dimension of size 0 ({weight_dims}), got shape "
+                         f"{tuple(weight.shape)}")
+    if 0 in input.shape[-2:] and (input.dim() == 3 or input.shape[0] > 0):  # as F.{op}
+        raise ValueError(f"input of shape {tuple(input.shape)} has no pixels: only an empty batch is supported "
+                         f"(as F.{op})")
+
+
+def check_out(out: Optional[Tensor], input: Tensor, shape: list, unbatched: bool) -> Optional[Tensor]:
+    """``out`` checked against the output's (batched) ``shape``, batched: None where not given. PyTorch's out=
+    ops refuse a stride-0 dim of size > 1 (what torch._debug_has_internal_overlap(out) calls 1, written out
+    so that torch.compile traces it), with these words."""
+    if out is None:
+        return None
+    check_tensor("out", out, input, shape=shape[1:] if unbatched else shape)
+    if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride())):
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                           "single memory location. Please clone() the tensor before performing the operation.")
+    return out.unsqueeze(0) if unbatched else out
 
 
 def check_writable(out: Tensor) -> None:

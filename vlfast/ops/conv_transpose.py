@@ -22,7 +22,7 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import check_tensor, check_writable, memory_format
+from ._common import check_conv_operands, check_out, check_tensor, check_writable, memory_format, pair
 
 _aten = torch.ops.aten
 
@@ -127,20 +127,6 @@ _Function = _dispatch.autograd(conv_transpose2d_op, _setup_context, _backward, _
 
 
 # ---------------------------------------------------------------- the declaration
-def _pair(v, name: str, low: int) -> list[int]:
-    """int or a sequence of 1 or 2 ints -> [a, b], each >= low."""
-    if isinstance(v, (list, tuple, torch.Size)) and len(v) in (1, 2):
-        vals = list(v) * (2 // len(v))
-    else:
-        vals = [v, v]
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in vals):
-        raise TypeError(f"{name} must be an int or a tuple of 2 ints, got {v!r}")
-    if any(x < low for x in vals):
-        what = "positive" if low == 1 else "non-negative"
-        raise ValueError(f"{name} must be {what}, got {v!r}")
-    return vals
-
-
 class Inputs(NamedTuple):
     """A checked call: x and dst (``out``) batched; the geometry as lists; the activation's code."""
     x: Tensor
@@ -173,24 +159,7 @@ class ConvTranspose2d(_dispatch.Op):
 
     def check(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
               out) -> Inputs:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
-        if not input.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-        if input.dim() not in (3, 4):
-            raise ValueError(f"input must be 3-D (Cin, H, W) or 4-D (N, Cin, H, W), got shape {tuple(input.shape)}")
-        check_tensor("weight", weight, input, required=True)
-        if weight.dim() != 4:
-            raise ValueError(f"weight must be 4-D (in_channels, out_channels/groups, kH, kW), got shape "
-                             f"{tuple(weight.shape)}")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
-        if 0 in weight.shape:  # F.conv_transpose2d refuses these too (torch 2.13, every dtype and layout)
-            raise ValueError(f"weight must have at least one input channel, output channel and kernel row and "
-                             f"column, got shape {tuple(weight.shape)}")
-        if 0 in input.shape[-2:] and (input.dim() == 3 or input.shape[0] > 0):  # as F.conv_transpose2d
-            raise ValueError(f"input of shape {tuple(input.shape)} has no pixels: only an empty batch is "
-                             f"supported")
+        check_conv_operands(input, weight, groups, "conv_transpose2d", "in_channels, out_channels/groups, kH, kW")
         cin = input.shape[-3]
         if weight.shape[0] != cin:
             raise ValueError(f"weight of shape {tuple(weight.shape)} expects in_channels={weight.shape[0]}, but "
@@ -199,10 +168,10 @@ class ConvTranspose2d(_dispatch.Op):
             raise ValueError(f"in_channels={cin} must be divisible by groups={groups}")
         cout = weight.shape[1] * groups
         check_tensor("bias", bias, input, shape=(cout,))
-        stride = _pair(stride, "stride", 1)
-        padding = _pair(padding, "padding", 0)
-        dilation = _pair(dilation, "dilation", 1)
-        output_padding = _pair(output_padding, "output_padding", 0)
+        stride = pair(stride, "stride", 1)
+        padding = pair(padding, "padding", 0)
+        dilation = pair(dilation, "dilation", 1)
+        output_padding = pair(output_padding, "output_padding", 0)
         if any(op >= max(s, d) for op, s, d in zip(output_padding, stride, dilation)):
             raise ValueError(f"output_padding must be smaller than either stride or dilation, got output_padding="
                              f"{output_padding}, stride={stride}, dilation={dilation}")
@@ -213,16 +182,7 @@ class ConvTranspose2d(_dispatch.Op):
             raise ValueError(f"the output size {tuple(shape[2:])} is too small for input size "
                              f"{tuple(x.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}, "
                              f"kernel {tuple(weight.shape[2:])}")
-        dst = None
-        if out is not None:
-            check_tensor("out", out, input, shape=shape[1:] if unbatched else shape)
-            # PyTorch's out= ops refuse a stride-0 dim of size > 1 (what torch._debug_has_internal_overlap(out)
-            # calls 1, written out so that torch.compile traces it), with these words.
-            if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride())):
-                raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers "
-                                   "to a single memory location. Please clone() the tensor before performing "
-                                   "the operation.")
-            dst = out.unsqueeze(0) if unbatched else out
+        dst = check_out(out, input, shape, unbatched)
         return Inputs(x, weight, bias, stride, padding, output_padding, groups, dilation, activation_code(activation),
                       dst, unbatched, shape, x.device, x.dtype)
 

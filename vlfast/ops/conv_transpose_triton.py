@@ -33,9 +33,9 @@ from torch import Tensor
 from .. import backends
 from ..reference.conv_transpose import ACTIVATIONS, activate
 from . import _overrides
-from ._common import cdiv, num_sms, pow2
+from ._common import cdiv, pow2
 from .igemm import (arranged_weight, backward_config, clamp_pow2, phase_config, precision, precision_rule,
-                    subpixel_config)
+                    split_k, subpixel_config)
 
 __all__ = ["conv_transpose2d_into", "plan_into", "overlap_safe", "conv_transpose2d_backward", "kernel_for",
            "precision"]
@@ -276,10 +276,7 @@ def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, p
             cfg = backward_config(rows, cols, cells, x.dtype)
             cfg["BLOCK_M"] = clamp_pow2(rows, 16, cfg["BLOCK_M"])
             tiles = cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg["BLOCK_N"]) * groups
-            # Enough programs to fill the GPU: split the cells, each split a float32 partial.
-            split = max(1, min(cdiv(2 * num_sms(x.device), tiles), cdiv(cells, 4 * cfg["BLOCK_K"])))
-            per_split = cdiv(cdiv(max(cells, 1), split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-            split = cdiv(max(cells, 1), per_split)
+            split, per_split = split_k(cells, tiles, cfg["BLOCK_K"], x.device)
             part = torch.zeros((split, groups, rows, cols), dtype=torch.float32, device=x.device)
             if cells:
                 conv_transpose2d_wgrad_kernel[(tiles // groups, split, groups)](

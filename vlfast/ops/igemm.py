@@ -1,20 +1,21 @@
 """Host side of the implicit-GEMM convolution kernels (the core: vlfast/kernels/igemm.py): the tile rules,
-the TF32 rule and the weight arrangements, shared by the launchers of the convolution ops (today
-vlfast/ops/conv_transpose_triton.py).
+the TF32 rule and the weight arrangements, shared by the launchers of the convolution ops
+(vlfast/ops/conv_transpose_triton.py, vlfast/ops/conv2d_triton.py).
 
 Tiles are chosen from the GEMM's shape (M rows, N columns, K = taps x Cin/G) and dtype: one small config
 below :data:`SMALL_MACS`, else :func:`tiles`; under Triton's interpreter one small shape
-(:func:`interpreter_tiles`). A weight is arranged on every call (:func:`arranged_weight`: one copy
-kernel), never cached: no key on a tensor (id, data pointer, version counter) sees every way PyTorch users
-write parameters (``p.data.copy_``, ``torch._foreach_mul_`` on ``p.data``, as EMA copies do, leave the
-version as it was), inference tensors have no version counter, and a shared cache needs a lock.
+(:func:`interpreter_tiles`). A weight is arranged on every call (:func:`arranged_weight`,
+:func:`conv2d_weight`: one copy kernel), never cached: no key on a tensor (id, data pointer, version
+counter) sees every way PyTorch users write parameters (``p.data.copy_``, ``torch._foreach_mul_`` on
+``p.data``, as EMA copies do, leave the version as it was), inference tensors have no version counter,
+and a shared cache needs a lock.
 """
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import cdiv, pow2
+from ._common import cdiv, num_sms, pow2
 
 # Problems below this many multiply-adds share one small tile config: one compile serves them all.
 SMALL_MACS = 1 << 24
@@ -133,3 +134,43 @@ def arranged_weight(weight: Tensor, groups: int, order: str, stride=(1, 1)) -> T
     w = w.reshape(groups, cin // groups, cout_g, th, sh, tw, sw)           # kh = t*SH + r
     dims = (0, 3, 5, 1, 4, 6, 2) if order == "subpixel_co" else (0, 3, 5, 1, 4, 2, 6)
     return w.permute(*dims).reshape(groups, th * tw * (cin // groups), sh * sw * cout_g).contiguous()
+
+
+# ---------------------------------------------------------------- Conv2d (vlfast/ops/conv2d_triton.py)
+def conv2d_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
+    """Tiles of conv2d_igemm_kernel: M = N*OH*OW rows, N = Cout/G columns, K = taps x Cin/G (the phase
+    kernel's rule: a GEMM whose columns are output channels)."""
+    return phase_config(m, cout_g, cin_g, dtype)
+
+
+def depthwise_config(m: int, cout: int) -> dict:
+    """Tiles of conv2d_depthwise_kernel: [pixels, output channels], no tl.dot (one multiply-add per tap)."""
+    if backends.interpret_mode():
+        return dict(BLOCK_M=clamp_pow2(m, 16, 64), BLOCK_C=clamp_pow2(cout, 1, 32), num_warps=4)
+    block_c = clamp_pow2(cout, 16, 64)
+    return dict(BLOCK_M=128 if block_c <= 32 else 64, BLOCK_C=block_c, num_warps=4)
+
+
+def conv2d_weight(weight: Tensor, groups: int, order: str) -> Tensor:
+    """A Conv2d weight (Cout, Cin/G, KH, KW) arranged for a kernel, a new contiguous tensor (made on every
+    call, as :func:`arranged_weight`'s). ``order``: "taps" -> (G, KH, KW, Cin/G, Cout/G), one matrix per tap
+    (conv2d_igemm_kernel); "depthwise" -> (KH*KW, Cout), every output channel's tap in a row
+    (conv2d_depthwise_kernel, Cin/G == 1). Equivalent::
+
+        w = weight.detach().reshape(G, Cout // G, Cin // G, KH, KW)
+        taps = w.permute(0, 3, 4, 2, 1).contiguous()
+    """
+    cout, cin_g, kh, kw = weight.shape
+    if order == "depthwise":
+        return weight.detach().reshape(cout, kh * kw).t().contiguous()
+    return weight.detach().reshape(groups, cout // groups, cin_g, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def split_k(reduction: int, tiles: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, length of each) of a weight gradient's reduction (output pixels or cells) over enough
+    programs to fill the GPU: about two per SM with ``tiles`` output tiles, each split a whole number of
+    ``block_k`` chunks and at least four of them; each split writes a float32 partial, summed in a fixed
+    order (deterministic: no atomics)."""
+    split = max(1, min(cdiv(2 * num_sms(device), tiles), cdiv(reduction, 4 * block_k)))
+    per_split = cdiv(cdiv(max(reduction, 1), split), block_k) * block_k
+    return cdiv(max(reduction, 1), per_split), per_split
