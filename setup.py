@@ -93,8 +93,9 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
-    # bench: `python -m vlfast bench`'s progress bar and the GPU clocks, power limit and driver it reports.
+    # bench: `python -m vlfast bench`'s progress bar and the GPU clocks, power limit and driver it reports;
+    # `python -m vlfast sample`'s image grid.
     # test: expecttest is what PyTorch's own module samples (torch.testing._internal) import.
-    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py"],
+    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py", "pillow"],
                     "test": ["pytest", "diffusers", "expecttest"]},
 )

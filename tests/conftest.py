@@ -1,6 +1,7 @@
 """Test setup: Triton runs CPU tensors under its interpreter, so every backend is testable without a GPU."""
 
 import os
+import threading
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports vlfast.kernels
 
@@ -62,3 +63,20 @@ def pytorch_module_db() -> dict:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is present)")
+
+
+def run_in_threads(work, count: int) -> list:
+    """Run work(k) for k < count in as many threads at once; the exceptions they raised."""
+    errors = []
+
+    def guarded(k):
+        try:
+            work(k)
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -2,7 +2,6 @@
 
 import io
 import math
-import threading
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from vlfast.ops.conv2d import OP, _triton_pays, conv2d
 from vlfast.reference import conv2d as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import DT, backend_params, gpu, pytorch_module_db
+from conftest import DT, backend_params, gpu, pytorch_module_db, run_in_threads
 
 pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
 ACTS = [None, "relu", "silu", "gelu"]
@@ -332,20 +331,12 @@ def test_threads_share_the_plans():
     x, w, b, r = make(c, torch.float32, "cpu", residual=True)
     inputs = [torch.randn_like(x) for _ in range(4)]
     wants = [reference(xi, w, b, r, c, "relu")[0] for xi in inputs]
-    errors = []
 
     def work(k):
-        try:
-            for _ in range(3):
-                got = conv2d(inputs[k], w, b, **conv_args(c), activation="relu", residual=r)
-                assert_close(got, wants[k], torch.float32, rtol=1e-4, atol=1e-4)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        for _ in range(3):
+            got = conv2d(inputs[k], w, b, **conv_args(c), activation="relu", residual=r)
+            assert_close(got, wants[k], torch.float32, rtol=1e-4, atol=1e-4)
+    errors = run_in_threads(work, 4)
     assert not errors, errors[0]
 
 

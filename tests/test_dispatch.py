@@ -3,7 +3,6 @@ selection rule of both directions, last_backend, and every input-dependent limit
 fit in memory on meta tensors or with a patched limit."""
 
 import importlib
-import threading
 import types
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import vlfast
+from conftest import run_in_threads
 from vlfast import backends
 from vlfast.ops import _dispatch, _overrides, ddpm, ddpm_triton
 from vlfast.testing import assert_close
@@ -28,23 +28,6 @@ def meta(*shape, dtype=torch.float16):
 
 def reasons(backend, op, inputs, direction="forward"):
     return backends.not_supported_reasons(backend, op, inputs, direction)
-
-
-def run_in_threads(work, count: int) -> list:
-    """Run work(k) for k < count in as many threads at once; the exceptions they raised."""
-    errors = []
-
-    def guarded(k):
-        try:
-            work(k)
-        except Exception as e:  # noqa: BLE001 - returned to the test
-            errors.append(e)
-    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
 
 
 # ---------------------------------------------------------------- the plan cache

@@ -10,7 +10,6 @@ kernels forced (under the interpreter on the CPU).
 
 import copy
 import io
-import threading
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vlfast
-from conftest import pytorch_module_db
+from conftest import pytorch_module_db, run_in_threads
 from vlfast import backends
 from vlfast.testing import assert_close
 
@@ -395,19 +394,11 @@ def test_threads_share_a_converted_model(backend):
     plain, fast = pair()
     inputs = [images(seed=20 + k) for k in range(4)]
     wants = [plain(x) for x in inputs]
-    errors = []
 
     def work(k):
-        try:
-            for _ in range(3):
-                assert_close(fast(inputs[k]), wants[k])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        for _ in range(3):
+            assert_close(fast(inputs[k]), wants[k])
+    errors = run_in_threads(work, 4)
     assert not errors, errors[0]
 
 

@@ -6,7 +6,7 @@ import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -149,28 +149,38 @@ def table_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def randn_per_sample(generators, sample: Tensor) -> Tensor:
-    """Noise like ``sample`` drawn as diffusers' ``randn_tensor`` draws it from a list of generators.
+def randn_tensor(shape: Sequence[int], generator=None, device=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """N(0, I) noise of ``shape`` drawn as diffusers' ``diffusers.utils.torch_utils.randn_tensor`` draws it.
 
-    Sample i's noise is ``torch.randn((1, *S), generator=generators[i])`` (a list of one: one draw of the
-    whole shape), on the generators' device (a CPU generator for a GPU sample: drawn on the CPU, moved).
+    generator: None, a torch.Generator, or a list of them (one per sample: sample i is
+    ``torch.randn((1, *shape[1:]), generator=generator[i])``; a list of one draws the whole shape from it).
+    The noise is drawn on the generator's device (a CPU generator for a CUDA tensor: drawn on the CPU, then
+    moved), so a seed gives the same x_T on every device. Returns ``shape`` on ``device`` in ``dtype``.
     """
-    batch = sample.shape[0]
-    if len(generators) not in (1, batch):
-        raise ValueError(f"You have passed a list of generators of length {len(generators)}, but requested an "
-                         f"effective batch size of {batch}. Make sure the batch size matches the length of the "
-                         "generators.")
-    device = sample.device
-    gen_device = generators[0].device
-    if gen_device.type == "cuda" and device.type != "cuda":
-        raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_device.type}.")
-    where = "cpu" if gen_device.type == "cpu" else device
-    if len(generators) == 1:
-        z = torch.randn(sample.shape, generator=generators[0], device=where, dtype=sample.dtype)
-    else:
-        shape = (1,) + tuple(sample.shape[1:])
-        z = torch.cat([torch.randn(shape, generator=g, device=where, dtype=sample.dtype) for g in generators])
-    return z.to(device)
+    shape = tuple(shape)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    rand_device = device
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = torch.device("cpu")
+        elif gen_type != device.type:
+            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_type}.")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                             f"effective batch size of {shape[0]}. Make sure the batch size matches the length of "
+                             "the generators.")
+        parts = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def randn_per_sample(generators, sample: Tensor) -> Tensor:
+    """Noise like ``sample`` drawn from a list of generators as diffusers' ``randn_tensor`` draws it."""
+    return randn_tensor(sample.shape, generators, sample.device, sample.dtype)
 
 
 @dataclass
