@@ -13,7 +13,7 @@ from vlfast.ops.conv2d import OP, _triton_pays, conv2d
 from vlfast.reference import conv2d as ref
 from vlfast.testing import assert_close, assert_low_precision_close
 
-from conftest import DT, backend_params, gpu, pytorch_module_db, run_in_threads
+from conftest import DT, backend_params, gpu, run_in_threads
 
 pytestmark = pytest.mark.usefixtures("poison_empty", "no_tf32")
 ACTS = [None, "relu", "silu", "gelu"]
@@ -451,24 +451,7 @@ def test_module_matches_nn_conv2d(padding_mode, padding):
         vlfast.nn.Conv2d(4, 6, 3, activation="tanh")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_module_db_samples(dtype):
-    """Every constructor and forward sample PyTorch tests nn.Conv2d with gives torch's outputs and gradients."""
-    info = pytorch_module_db()["nn.Conv2d"]
-    for sample in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True):
-        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
-        theirs = info.module_cls(*args, **kwargs).to(dtype)
-        ours = vlfast.nn.Conv2d(*args, **kwargs).to(dtype)
-        ours.load_state_dict(theirs.state_dict())
-        inputs = sample.forward_input.args
-        want, got = theirs(*inputs, **sample.forward_input.kwargs), ours(*inputs, **sample.forward_input.kwargs)
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert_close(got, want, name=f"Conv2d{args}{kwargs}")
-        leaves = [t for t in (*inputs, *theirs.parameters()) if t.requires_grad]
-        mine = [t for t in (*inputs, *ours.parameters()) if t.requires_grad]
-        g = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(got, mine, g), torch.autograd.grad(want, leaves, g)):
-            assert_close(a, b, name=f"Conv2d{args}{kwargs} gradient")
+# PyTorch's own nn.Conv2d samples run with the other drop-ins' in tests/test_dropin.py (test_module_db_samples).
 
 
 def test_constructor_takes_the_installed_torchs_arguments():

@@ -95,13 +95,14 @@ def test_convert_swaps_every_layer_and_keeps_the_outputs(backend):
 # ---------------------------------------------------------------- PyTorch's own module samples
 def module_samples():
     infos = pytorch_module_db()
-    return [(infos[f"nn.{name}"], getattr(vlfast.nn, name)) for name in ("GroupNorm", "ConvTranspose2d")]
+    return [(infos[f"nn.{name}"], getattr(vlfast.nn, name)) for name in ("GroupNorm", "ConvTranspose2d", "Conv2d")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_module_db_samples(backend, dtype):
-    """Every constructor and forward sample PyTorch tests nn.GroupNorm and nn.ConvTranspose2d with (the
-    installed torch's: e.g. GroupNorm's bias=False) gives torch's outputs and gradients."""
+    """Every constructor and forward sample PyTorch tests nn.GroupNorm, nn.ConvTranspose2d and nn.Conv2d with
+    (the installed torch's: e.g. GroupNorm's bias=False, every Conv2d padding_mode) gives torch's outputs and
+    gradients."""
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels take float32, float16 and bfloat16")
     for info, drop_in in module_samples():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sampling import randn_tensor
+from ..sampling import sample
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -188,20 +188,17 @@ def ddpm_train_step(model: nn.Module, x0: Tensor, schedule, optimizer: torch.opt
     return loss.detach()
 
 
-@torch.no_grad()
 def ddpm_sample(model: nn.Module, shape, scheduler, generator=None, num_inference_steps: int | None = None,
                 device=None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """DDPM's Algorithm 2 with a vlfast or diffusers DDPMScheduler; returns x_0 of ``shape``.
+    """DDPM's Algorithm 2 with a vlfast or diffusers DDPMScheduler; returns x_0 of ``shape``: the plain loop of
+    :func:`vlfast.sampling.sample` (no CUDA graph, no progress bar), over all ``num_train_timesteps`` steps
+    unless ``num_inference_steps`` says fewer::
 
-    x_T ~ N(0, I) from ``generator`` (a torch.Generator, or a list of them as diffusers takes); with
-    ``num_inference_steps`` the scheduler's ``set_timesteps`` is called first; then for t in
-    ``scheduler.timesteps``: ``x = scheduler.step(model(x, t), t, x, generator=generator).prev_sample``.
-    """
-    if device is None:
-        device = next(model.parameters()).device
-    if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
-    x = randn_tensor(shape, generator, device, dtype)  # as diffusers draws x_T
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t), t, x, generator=generator).prev_sample
-    return x
+        x = randn_tensor(shape, generator)            # x_T ~ N(0, I), as diffusers draws it
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t), t, x, generator=generator).prev_sample
+    """
+    steps = num_inference_steps or scheduler.config.num_train_timesteps
+    return sample(model, scheduler, shape, generator=generator, num_inference_steps=steps, cuda_graph=False,
+                  progress=False, device=device, dtype=dtype)

@@ -67,6 +67,18 @@ def check_out(out: Optional[Tensor], input: Tensor, shape: list, unbatched: bool
     return out.unsqueeze(0) if unbatched else out
 
 
+def activation_backward(grad: Tensor, activation: Optional[str], output: Optional[Tensor], pre_activation) -> Tensor:
+    """The gradient through a fused epilogue's activation, by aten: ReLU's from the saved ``output``,
+    SiLU's and GELU's from the pre-activation value, which ``pre_activation()`` recomputes (the fused ops
+    do not keep it)."""
+    if activation is None:
+        return grad
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, output, 0)
+    z = pre_activation()
+    return torch.ops.aten.silu_backward(grad, z) if activation == "silu" else torch.ops.aten.gelu_backward(grad, z)
+
+
 def check_writable(out: Tensor) -> None:
     """PyTorch's refusal to write into an inference tensor outside inference mode (a kernel's write would
     slip past it), with PyTorch's words."""

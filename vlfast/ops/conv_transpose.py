@@ -22,7 +22,8 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import check_conv_operands, check_out, check_tensor, check_writable, memory_format, pair
+from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, check_writable,
+                      memory_format, pair)
 
 _aten = torch.ops.aten
 
@@ -105,13 +106,9 @@ def _backward(ctx, grad):
     x, weight, bias, y = ctx.saved_tensors
     stride, padding, output_padding, groups, dilation, activation, backend = ctx.args
     fwd, bwd = OP.directions(backend)
-    act = ACT_NAME[activation]
-    if act == "relu":
-        grad = _aten.threshold_backward(grad, y, 0)
-    elif act is not None:
-        args = (x, weight, bias, stride, padding, output_padding, groups, dilation, 0)
-        z = FWD[fwd](*args) if getattr(ctx, "eager", False) else conv_transpose2d_op(*args, fwd)
-        grad = _aten.silu_backward(grad, z) if act == "silu" else _aten.gelu_backward(grad, z)
+    args = (x, weight, bias, stride, padding, output_padding, groups, dilation, 0)  # without the activation
+    grad = activation_backward(grad, ACT_NAME[activation], y, lambda: FWD[fwd](*args) if getattr(ctx, "eager", False)
+                               else conv_transpose2d_op(*args, fwd))
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     if bwd == "triton":
         from .conv_transpose_triton import conv_transpose2d_backward
