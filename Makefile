@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # setup.py's requirements and its extras triton, bench (tqdm, nvidia-ml-py) and test, installed by hand:
 # the editable build needs torch installed first (--no-build-isolation).
-DEPS := "$(TORCH)" "triton>=3.6" numpy tqdm nvidia-ml-py pillow pytest diffusers expecttest
+DEPS := "$(TORCH)" "triton>=3.6" numpy tqdm nvidia-ml-py pillow matplotlib pytest diffusers expecttest
 # Every csrc/ file that can change the extension, headers at any depth included.
 CSRC := $(shell find csrc -type f \( -name '*.c' -o -name '*.cc' -o -name '*.cpp' -o -name '*.cxx' -o -name '*.cu' \
           -o -name '*.h' -o -name '*.hh' -o -name '*.hpp' -o -name '*.cuh' -o -name '*.inl' \) 2>/dev/null)

@@ -94,8 +94,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     # bench: `python -m vlfast bench`'s progress bar and the GPU clocks, power limit and driver it reports;
-    # `python -m vlfast sample`'s image grid.
+    # `python -m vlfast sample`'s image grid; the figures of `bench --plot` and `profile --plot`.
     # test: expecttest is what PyTorch's own module samples (torch.testing._internal) import.
-    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py", "pillow"],
+    extras_require={"triton": ["triton>=3.6"], "bench": ["tqdm", "nvidia-ml-py", "pillow", "matplotlib"],
                     "test": ["pytest", "diffusers", "expecttest"]},
 )

@@ -9,10 +9,12 @@
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
 #   PROBES=0 bash benchmarks/gpu_check.sh        # without the tuning probes (tools/probes.py) in the benchmarks
 #   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
-# All default steps take 9-10 minutes; on a machine whose calls are capped at 10, run two calls on the
+# All default steps take 12-13 minutes; on a machine whose calls are capped at 10, run three calls on the
 # same warm machine (the build stays): STEPS="build diagnose tests", then
-# STEPS="group_norm conv_transpose conv2d host profile" (time limits 120 + 150 + 150 + 60 + 60 s).
+# STEPS="group_norm conv_transpose conv2d host profile" (time limits 120 + 150 + 150 + 60 + 60 s), then
+# STEPS=models (150 s; MODELS_LIMIT=400 for every case, torch.compile of each model included).
 #   CONV2D_CASES="context module" bash benchmarks/gpu_check.sh   # some of the conv2d benchmark's cases
+#   MODELS_CASES="ddpm_unet sampling" bash benchmarks/gpu_check.sh   # some of the whole-model benchmark's models
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
@@ -20,8 +22,9 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
-# Default: what one call of under 10 minutes fits (the DDPM step, issue 2, is measured: add "ddpm sweep").
-STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d host profile"}
+# Default: the steps above (three calls where calls are capped at 10 minutes; the DDPM step, issue 2, is
+# measured: add "ddpm sweep").
+STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d models host profile"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -92,6 +95,13 @@ if want conv2d && [ -f benchmarks/bench_conv2d.py ]; then
   step "benchmark: conv2d"
   limit "${CONV2D_LIMIT:-150}" $PY benchmarks/bench_conv2d.py --json "$OUT/conv2d.json" "${quick[@]}" \
     ${CONV2D_CASES:+--cases $CONV2D_CASES} || status=1
+fi
+if want models && [ -f benchmarks/bench_models.py ]; then
+  # Cases in order of importance (the DDPM U-Net's forward, its compiled rows, the sampling loop first): a run
+  # cut by the limit keeps those rows.
+  step "benchmark: models"
+  limit "${MODELS_LIMIT:-150}" $PY benchmarks/bench_models.py --json "$OUT/models.json" "${quick[@]}" \
+    ${QUICK:+--quick} ${MODELS_CASES:+--models $MODELS_CASES} || status=1
 fi
 if want ddpm; then
   step "benchmark: ddpm step"

@@ -1,4 +1,4 @@
-"""``python -m vlfast info``, ``python -m vlfast bench`` and ``python -m vlfast sample``."""
+"""``python -m vlfast info``, ``bench``, ``sample`` and ``profile``."""
 
 import argparse
 import importlib
@@ -36,10 +36,29 @@ def bench(argv) -> None:
     p.add_argument("--ops", nargs="*", default=list(vb.OPS), choices=vb.OPS)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on a CPU)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--plot", help="also draw the vlfast rows' speed-ups as a PNG (needs matplotlib)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = _device(args.device)
     info, copy_gbps, rows = vb.run(device, args.ops, compile_=not args.no_compile)
     vb.report(info, copy_gbps, rows, args.json)
+    if args.plot:
+        from vlfast.bench import plot
+        from vlfast.bench.common import headline
+        try:
+            plot.bench(rows, args.plot, title=headline(info))
+        except (ImportError, ValueError) as e:
+            sys.exit(f"--plot: {e}")
+        print(f"wrote {args.plot}")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        sys.exit(f"--device: not a device: {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {name}: no CUDA device here")
+    return device
 
 
 def _load_model(spec: str, batch: int, shape_arg):
@@ -57,7 +76,10 @@ def _load_model(spec: str, batch: int, shape_arg):
             return model, tuple(models.example_input(spec, batch)[0].shape)
     else:
         module, _, attr = spec.partition(":")
-        obj = getattr(importlib.import_module(module), attr)
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            sys.exit(f"cannot load model {spec!r}: {e}")
         model = obj if isinstance(obj, torch.nn.Module) else obj()
         if shape_arg is None:
             sys.exit(f"--shape C,H,W is needed for {spec!r} (only registry models know their input shape)")
@@ -91,7 +113,7 @@ def sample(argv) -> None:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         sys.exit("--steps and --batch must be positive")
-    device = torch.device(args.device)
+    device = _device(args.device)
     torch.manual_seed(args.seed)  # the random weights, unless the model's module loads its own
     model, shape = _load_model(args.model, args.batch, args.shape)
     if not args.no_convert:
@@ -106,6 +128,63 @@ def sample(argv) -> None:
           f"pixels ({args.scheduler}, {args.steps} steps, {device})")
 
 
+def profile(argv) -> None:
+    from vlfast import nn as vnn
+    from vlfast import profile as vp
+
+    p = argparse.ArgumentParser(prog="python -m vlfast profile",
+                                description="Where a model's time goes, eager against vlfast.nn.convert (and "
+                                            "torch.compile), per layer and in all, on this machine's GPU or CPU.")
+    p.add_argument("model", help="a vlfast.models registry name (e.g. ddpm_unet) or module:attribute "
+                                 "(a model, or a callable returning one; needs --shape)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(vp.DTYPES), help="default bfloat16 on CUDA, float32 on a CPU")
+    p.add_argument("--batch", type=int, default=2, help="samples (default 2)")
+    p.add_argument("--shape", help="C,H,W of one sample (default: the registry model's example input)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="model and inputs in channels_last (default: on CUDA)")
+    p.add_argument("--conv2d", choices=vnn.CONV2D_MODES, default="dilated",
+                   help="which nn.Conv2d convert() swaps (default dilated)")
+    p.add_argument("--compile", action="store_true", help="also time both under torch.compile (slow on a CPU)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (train mode)")
+    p.add_argument("--iters", type=int, default=5, help="hooked forwards for the layer times (default 5)")
+    p.add_argument("--top", type=int, default=15, help="layers listed per variant (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the inputs (default 0)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--plot", help="also draw time by layer type and the speed-ups as a PNG (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = p.parse_args(argv)
+    for opt in ("batch", "iters", "top"):
+        if getattr(args, opt) < 1:
+            sys.exit(f"--{opt} must be positive; got {getattr(args, opt)}")
+    device = _device(args.device)
+    torch.manual_seed(args.seed)  # the random weights, unless the model's module loads its own
+    model, shape = _load_model(args.model, args.batch, args.shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    inputs = (x,)
+    if ":" not in args.model:  # the registry's other arguments (ddpm_unet's timesteps)
+        from vlfast import models
+        inputs += models.example_input(args.model, args.batch, seed=args.seed)[1:]
+    log = None if args.quiet else (lambda msg: print(f"profile: {msg}", file=sys.stderr, flush=True))
+    result = vp.profile_model(model, inputs, device=device, dtype=vp.DTYPES[args.dtype] if args.dtype else None,
+                              channels_last=args.channels_last, compile_=args.compile, backward=args.backward,
+                              conv2d=args.conv2d, iters=args.iters, name=args.model, log=log)
+    print(vp.format_report(result, top=args.top))
+    if args.json:
+        import json
+        import os
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            vp.plot(result, args.plot)
+        except ImportError as e:
+            sys.exit(f"--plot: {e}")
+        print(f"wrote {args.plot}")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "info"
@@ -115,8 +194,11 @@ def main(argv=None) -> None:
         bench(argv[1:])
     elif cmd == "sample":
         sample(argv[1:])
+    elif cmd == "profile":
+        profile(argv[1:])
     else:
-        sys.exit(f"usage: python -m vlfast [info | bench [--help] | sample MODEL [--help]]  (got {cmd!r})")
+        sys.exit("usage: python -m vlfast [info | bench [--help] | sample MODEL [--help] | profile MODEL [--help]]"
+                 f"  (got {cmd!r})")
 
 
 if __name__ == "__main__":

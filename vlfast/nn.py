@@ -122,7 +122,7 @@ CONV2D_MODES = ("dilated", "all", "none")
 _FUSIBLE = {nn.ReLU: "relu", nn.SiLU: "silu", nn.GELU: "gelu"}
 
 
-def convert(model: nn.Module, *, conv2d: str = "dilated") -> nn.Module:
+def convert(model: nn.Module, *, conv2d: str = "dilated", blocks: bool = True) -> nn.Module:
     """Make every ``nn.GroupNorm`` and ``nn.ConvTranspose2d`` in ``model`` (``model`` itself included) run
     vlfast's :class:`GroupNorm` / :class:`ConvTranspose2d`, and the ``nn.Conv2d`` that ``conv2d`` selects
     vlfast's :class:`Conv2d`, in place; returns ``model``.
@@ -135,6 +135,12 @@ def convert(model: nn.Module, *, conv2d: str = "dilated") -> nn.Module:
     ``nn.Identity()``: one kernel instead of two. Only where the convolution is used once in ``model``
     and neither module has forward or backward hooks (a hook would see another tensor).
 
+    ``blocks``: also switch the model blocks vlfast has fused versions of (diffusers' ``ResnetBlock2D`` and
+    ``Upsample2D``, ``vlfast.models``' DDPM ``ResBlock`` and ``Upsample``; see :mod:`vlfast.blocks`), whose
+    forward then runs GroupNorm with the time-embedding add or scale-shift and the activation in one kernel,
+    the shortcut in the second convolution's epilogue, and nearest 2x + 3x3 convolution as one transposed
+    convolution; each falls back to the block's own forward where a part is not the plain layer it expects.
+
     Each module object stays what it is, where it is: its class is switched to vlfast's subclass, so
     parameters, buffers, hooks (forward, pre-forward, backward, state_dict; the legacy ``weight_norm`` and
     ``spectral_norm`` ones included), parametrizations, custom attributes and a module used in several
@@ -145,8 +151,10 @@ def convert(model: nn.Module, *, conv2d: str = "dilated") -> nn.Module:
     """
     if conv2d not in CONV2D_MODES:
         raise ValueError(f"conv2d must be one of {CONV2D_MODES}, got {conv2d!r}")
+    from . import blocks as fused_blocks  # (imports this module)
+    block_drop_ins = fused_blocks.drop_ins() if blocks else {}
     for module in model.modules():  # each object once, however often it is used
-        _convert_one(module, _drop_ins(module, conv2d))
+        _convert_one(module, {**_drop_ins(module, conv2d), **block_drop_ins})
     if conv2d != "none":
         _fuse_activations(model)
     return model
@@ -176,7 +184,8 @@ def _convert_one(module: nn.Module, drop_ins: dict) -> None:
             warnings.warn(f"vlfast.nn.convert: left {cls.__qualname__} (a subclass of {parents[0].__name__}) as "
                           "it is: its forward is its own", stacklevel=3)
         return
-    module.activation = None
+    if isinstance(module, (GroupNorm, ConvTranspose2d, Conv2d)):
+        module.activation = None
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -6,7 +6,7 @@ import threading
 
 from .common import Row, copy_bandwidth, format_table, headline, machine, write_json
 
-OPS = ("ddpm", "group_norm", "conv_transpose", "conv2d")
+OPS = ("ddpm", "group_norm", "conv_transpose", "conv2d", "models")
 
 
 def run(device, ops=OPS, *, shapes=None, dtypes=None, providers=None, compile_=True, progress=True, extra=None):

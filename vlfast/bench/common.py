@@ -109,7 +109,8 @@ def _cpu_name() -> str:
 
 
 def _nvml(index: int) -> dict:
-    """Clocks, power limit and driver of a GPU through nvidia-ml-py ({} where it is missing)."""
+    """Clocks, power limit, driver, memory, utilisation, temperature and power draw of a GPU through
+    nvidia-ml-py ({"nvml": why} where it is missing)."""
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -121,6 +122,21 @@ def _nvml(index: int) -> dict:
             "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
             "power_limit_w": pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000,
         }
+        # The device's state now (memory, utilisation over the last sample period, temperature, power
+        # draw): each read on its own, as some boards do not report every one.
+        state = {
+            "memory_used_mib": lambda: pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+            "memory_total_mib": lambda: pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20,
+            "gpu_util_pct": lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+            "mem_util_pct": lambda: pynvml.nvmlDeviceGetUtilizationRates(h).memory,
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            "power_draw_w": lambda: pynvml.nvmlDeviceGetPowerUsage(h) / 1000,
+        }
+        for key, read in state.items():
+            try:
+                info[key] = read()
+            except pynvml.NVMLError:
+                pass
         pynvml.nvmlShutdown()
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in info.items()}
     except Exception as e:  # noqa: BLE001 - any NVML failure only loses the extra columns
