@@ -74,7 +74,7 @@ if want tests; then
   step "GPU tests"
   xdist=(); $PY -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-8}")
   # TEST_FILES / TEST_K narrow the run (e.g. to the ops changed since the last GPU run).
-  limit "${TEST_LIMIT:-170}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects or format_numbers or each_kernel or triton_backward or dropin}" ${TEST_FILES:-tests/} \
+  limit "${TEST_LIMIT:-170}" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "${TEST_K:-cuda or rejects or format_numbers or each_kernel or triton_backward or dropin or blocks}" ${TEST_FILES:-tests/} \
     --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit1 || status=1
 fi
 

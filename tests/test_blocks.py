@@ -1,5 +1,6 @@
 """The fused blocks of ``convert()`` (vlfast.blocks): diffusers' ResnetBlock2D and Upsample2D, vlfast.models'
-DDPM ResBlock and Upsample.
+DDPM ResBlock and Upsample, and convolution + eval-mode BatchNorm + activation in an nn.Sequential (the
+seed U-Net's DoubleConv).
 
 Every diffusers block configuration a small ``UNet2DModel`` takes, a ``UNet2DConditionModel`` and an
 ``AutoencoderKL`` are converted and compared with the unconverted model (float64 on ``auto``, float32 with
@@ -20,6 +21,7 @@ from torch import nn
 
 import vlfast
 import vlfast.blocks._common as fused
+import vlfast.blocks.sequential as sequential
 from vlfast import backends
 from vlfast.blocks import upsample_conv_weight
 from vlfast.testing import assert_close
@@ -68,6 +70,7 @@ class Calls:
         self.count = Counter()
         for name in ("group_norm", "conv2d", "conv_transpose2d"):
             monkeypatch.setattr(fused, name, self.spy(name, getattr(fused, name)))
+        monkeypatch.setattr(sequential, "conv2d", self.spy("folded conv2d", sequential.conv2d))
 
     def spy(self, name, fn):
         def call(*args, **kwargs):
@@ -380,3 +383,100 @@ def test_ddpm_unet_blocks(monkeypatch):
     last_up = [m for m in fast.modules() if isinstance(m, ddpm_unet.Upsample)][-1]
     last_up.conv.register_forward_hook(lambda *a: None)  # that Upsample's own forward from now on
     assert_close(fast.eval()(x, t), plain.eval()(x, t))
+
+
+# ---------------------------------------------------------------- Conv2d -> BatchNorm2d -> activation
+def trained_bn(model, x, steps: int = 2):
+    """Running statistics that are not the initial (0, 1): a few training-mode forwards."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    return model
+
+
+def test_seed_unet_folds_batchnorm_in_eval(monkeypatch):
+    from vlfast.models import MODELS, example_input
+    from vlfast.models.unet import DoubleConv
+    torch.manual_seed(0)
+    (x,) = (a.to(DEVICE) for a in example_input("unet", 2, dtype=torch.float64))
+    plain = trained_bn(MODELS["unet"]().to(DEVICE, torch.float64), x)
+    fast = vlfast.nn.convert(copy.deepcopy(plain))
+    n_double = sum(isinstance(m, DoubleConv) for m in plain.modules())
+    assert sum(type(m) is vlfast.blocks.models.DoubleConv for m in fast.modules()) == n_double
+    calls = Calls(monkeypatch)
+    written = []
+    monkeypatch.setattr(vlfast.blocks.models, "conv_transpose2d",
+                        lambda *a, out, **k: written.append(out.shape) or vlfast.ops.conv_transpose2d(*a, out=out, **k))
+    compare(plain, fast, lambda m: m(x))  # train: BatchNorm on batch statistics, nothing folded
+    assert calls.count["folded conv2d"] == 2 * n_double  # eval only: two convolutions each
+    assert len(written) == 2 * 4  # each up-conv into its half of the concatenation, train and eval
+    torch.testing.assert_close(fast.state_dict(), plain.state_dict(), rtol=0, atol=0)  # the same running stats
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        xf = x.to(memory_format=fmt)
+        assert fast.eval()(xf).stride() == plain.eval()(xf).stride()
+    odd = x[..., :-3, :-5]  # 29x27: pooled sizes floor, the up step pads: the unfused path
+    written.clear()
+    assert_close(fast(odd), plain(odd))
+    assert len(written) < 4
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got, want = fast.float()(x.float()), plain.float()(x.float())
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("case", ["relu", "silu", "no-activation", "bias-no-affine", "grouped-strided",
+                                  "channels-last"])
+def test_sequential_conv_batchnorm_activation(case, monkeypatch):
+    torch.manual_seed(0)
+    bias, affine = case == "bias-no-affine", case != "bias-no-affine"
+    groups, stride = (2, 2) if case == "grouped-strided" else (1, 1)
+    layers = [nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=bias, groups=groups),
+              nn.BatchNorm2d(6, affine=affine)]
+    layers += {"relu": [nn.ReLU(inplace=True)], "silu": [nn.SiLU()], "no-activation": []}.get(case, [nn.ReLU()])
+    layers += [nn.Conv2d(6, 3, 1)]
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64, device=DEVICE)
+    if case == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    plain = trained_bn(nn.Sequential(*layers).to(DEVICE, torch.float64), x)
+    fast = vlfast.nn.convert(copy.deepcopy(plain))
+    assert type(fast) is vlfast.blocks.Sequential and type(fast[0]) is nn.Conv2d  # not dilated: left as it is
+    calls = Calls(monkeypatch)
+    compare(plain, fast, lambda m: m(x))
+    assert calls.count["folded conv2d"] == 1
+    if case == "channels-last":
+        assert fast.eval()(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_batchnorm_reads_live_statistics_and_honours_hooks(monkeypatch):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    fast = vlfast.nn.convert(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert_close(fast(x), plain(x))
+    for model in (plain, fast):
+        model[1].running_var.data.mul_(3)  # a .data write: the next call folds the new statistics
+        model[1].running_mean.add_(0.5)
+    assert_close(fast(x), plain(x))
+    calls = Calls(monkeypatch)
+    seen = []
+    fast[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert_close(fast(x), plain(x))
+    assert seen == [(2, 4, 4, 4)] and calls.count["folded conv2d"] == 0
+    untracked = vlfast.nn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
+    untracked.double().eval()(x)  # batch statistics in eval: nothing to fold
+    assert calls.count["folded conv2d"] == 0
+    assert type(vlfast.nn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))) is nn.Sequential
+
+
+def test_folded_batchnorm_on_the_triton_kernels():
+    if not TRITON:
+        pytest.skip("Triton cannot run here")
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE)
+    plain = trained_bn(nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8),
+                                     nn.ReLU()).to(DEVICE), x).eval()
+    fast = vlfast.nn.convert(copy.deepcopy(plain))
+    with vlfast.use_backend("triton"):
+        assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert backends.last_backend("conv2d") == "triton"

@@ -136,10 +136,12 @@ def convert(model: nn.Module, *, conv2d: str = "dilated", blocks: bool = True) -
     and neither module has forward or backward hooks (a hook would see another tensor).
 
     ``blocks``: also switch the model blocks vlfast has fused versions of (diffusers' ``ResnetBlock2D`` and
-    ``Upsample2D``, ``vlfast.models``' DDPM ``ResBlock`` and ``Upsample``; see :mod:`vlfast.blocks`), whose
-    forward then runs GroupNorm with the time-embedding add or scale-shift and the activation in one kernel,
-    the shortcut in the second convolution's epilogue, and nearest 2x + 3x3 convolution as one transposed
-    convolution; each falls back to the block's own forward where a part is not the plain layer it expects.
+    ``Upsample2D``, ``vlfast.models``' DDPM ``ResBlock``, ``Upsample`` and U-Net ``DoubleConv``, and each
+    ``nn.Sequential`` holding a Conv2d -> BatchNorm2d pair; see :mod:`vlfast.blocks`), whose forward then
+    runs GroupNorm with the time-embedding add or scale-shift and the activation in one kernel, the shortcut
+    in the second convolution's epilogue, nearest 2x + 3x3 convolution as one transposed convolution, and
+    (eval mode) convolution + BatchNorm + activation as one convolution; each falls back to the block's own
+    forward where a part is not the plain layer it expects.
 
     Each module object stays what it is, where it is: its class is switched to vlfast's subclass, so
     parameters, buffers, hooks (forward, pre-forward, backward, state_dict; the legacy ``weight_norm`` and
@@ -154,7 +156,8 @@ def convert(model: nn.Module, *, conv2d: str = "dilated", blocks: bool = True) -
     from . import blocks as fused_blocks  # (imports this module)
     block_drop_ins = fused_blocks.drop_ins() if blocks else {}
     for module in model.modules():  # each object once, however often it is used
-        _convert_one(module, {**_drop_ins(module, conv2d), **block_drop_ins})
+        fused = fused_blocks.fused_class(module, block_drop_ins) if blocks else None
+        _convert_one(module, {**_drop_ins(module, conv2d), **({type(module): fused} if fused else block_drop_ins)})
     if conv2d != "none":
         _fuse_activations(model)
     return model
@@ -195,11 +198,13 @@ def _hooked(module: nn.Module) -> bool:
 
 def _fuse_activations(model: nn.Module) -> None:
     """The Sequential fusion of :func:`convert`."""
+    from .blocks import models, sequential
+    forwards = (nn.Sequential.forward, sequential.Sequential.forward, models.DoubleConv.forward)
     uses: dict = {}
     for _, m in model.named_modules(remove_duplicate=False):  # a shared subtree counts once per use
         uses[id(m)] = uses.get(id(m), 0) + 1
     for seq in model.modules():
-        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+        if not isinstance(seq, nn.Sequential) or type(seq).forward not in forwards:
             continue
         items = list(seq._modules.items())
         for (_, conv), (name, act) in zip(items, items[1:]):
