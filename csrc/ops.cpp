@@ -26,6 +26,9 @@ namespace {
 // set through vlfast.ops._overrides; kept here, where every build has it, and read by
 // csrc/cuda/group_norm_glue.cpp on each forward call.
 std::atomic<int64_t> gn_cuda_path{0};
+// The CPU GroupNorm forward's cache budget in bytes (-1: automatic, half the per-core L2): fused tasks whose
+// slab of x fits it read x once from memory (csrc/cpu/group_norm.h). A test and probe knob, as above.
+std::atomic<int64_t> gn_cpu_cache{-1};
 }  // namespace
 
 void group_norm_set_cuda_path(int64_t path) {
@@ -35,6 +38,13 @@ void group_norm_set_cuda_path(int64_t path) {
 }
 
 int64_t group_norm_cuda_path() { return gn_cuda_path.load(std::memory_order_relaxed); }
+
+void group_norm_set_cpu_cache(int64_t bytes) {
+  TORCH_CHECK(bytes >= -1, "group_norm_set_cpu_cache: bytes must be -1 (automatic) or >= 0, got ", bytes);
+  gn_cpu_cache.store(bytes, std::memory_order_relaxed);
+}
+
+int64_t group_norm_cpu_cache() { return gn_cpu_cache.load(std::memory_order_relaxed); }
 
 }  // namespace vlfast
 
@@ -49,6 +59,13 @@ TORCH_LIBRARY(vlfast, m) {
       "Tensor coef, Tensor? timesteps, int timestep, Tensor? thresh, float clip, int var_mode, "
       "bool draw_noise, int seed, int offset, Tensor(a!)? rng_state, bool write_x0, "
       "bool write_noise) -> (Tensor, Tensor, Tensor)");
+  // The same, writing prev into `out` (sample's sizes and dtype, its strides in dims 1..; out may be sample,
+  // model_output, variance or noise itself, but share no other memory with them). Returns (x0, noise). CPU only.
+  m.def(
+      "ddpm_step_out_kernel(Tensor sample, Tensor? model_output, Tensor? variance, Tensor? noise, "
+      "Tensor coef, Tensor? timesteps, int timestep, Tensor? thresh, float clip, int var_mode, "
+      "bool draw_noise, int seed, int offset, Tensor(a!)? rng_state, bool write_x0, "
+      "bool write_noise, Tensor(b!) out) -> (Tensor, Tensor)");
   // GroupNorm + time-embedding add + scale-shift + activation, forward: see
   // vlfast/reference/group_norm.py. activation: 0 none, 1 silu, 2 relu, 3 gelu (erf).
   // Returns (out, mean, rstd): out with input's dtype and strides (NCHW-contiguous
@@ -56,6 +73,11 @@ TORCH_LIBRARY(vlfast, m) {
   m.def(
       "group_norm_fwd_kernel(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
       "Tensor? add, Tensor? scale, Tensor? shift, int activation) -> (Tensor, Tensor, Tensor)");
+  // The same, writing into `out` (input's dtype, sizes and strides; out may be input itself, but share no
+  // other memory with the inputs). Returns (mean, rstd). CPU only.
+  m.def(
+      "group_norm_fwd_out_kernel(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "Tensor? add, Tensor? scale, Tensor? shift, int activation, Tensor(a!) out) -> (Tensor, Tensor)");
   // Its backward (CUDA only): the gradients of (input, weight, bias, add, scale, shift), as
   // group_norm_backward in vlfast/reference/group_norm.py, from the forward's mean and rstd.
   // Each in its input's dtype and shape (input's strides for the first); an empty (0,) tensor
@@ -71,6 +93,10 @@ TORCH_LIBRARY(vlfast, m) {
   // that cannot hold the group runs the split path.
   m.def("group_norm_set_cuda_path(int path) -> ()", &vlfast::group_norm_set_cuda_path);
   m.def("group_norm_cuda_path() -> int", &vlfast::group_norm_cuda_path);
+  // The CPU GroupNorm forward's cache budget in bytes (-1: automatic), process-wide, for tests and probes
+  // (vlfast.ops._overrides, knob group_norm_cpu_cache); and read it back.
+  m.def("group_norm_set_cpu_cache(int bytes) -> ()", &vlfast::group_norm_set_cpu_cache);
+  m.def("group_norm_cpu_cache() -> int", &vlfast::group_norm_cpu_cache);
 }
 
 extern "C" {

@@ -24,6 +24,7 @@ import vlfast.blocks._common as fused
 import vlfast.blocks.sequential as sequential
 from vlfast import backends
 from vlfast.blocks import upsample_conv_weight
+from vlfast.ops import _overrides
 from vlfast.testing import assert_close
 
 diffusers = pytest.importorskip("diffusers")
@@ -386,6 +387,13 @@ def test_ddpm_unet_blocks(monkeypatch):
 
 
 # ---------------------------------------------------------------- Conv2d -> BatchNorm2d -> activation
+@pytest.fixture
+def fold():
+    """The fold forced on (by default it runs on CUDA tensors only)."""
+    with _overrides.use(fold_batchnorm=True):
+        yield
+
+
 def trained_bn(model, x, steps: int = 2):
     """Running statistics that are not the initial (0, 1): a few training-mode forwards."""
     model.train()
@@ -395,7 +403,7 @@ def trained_bn(model, x, steps: int = 2):
     return model
 
 
-def test_seed_unet_folds_batchnorm_in_eval(monkeypatch):
+def test_seed_unet_folds_batchnorm_in_eval(fold, monkeypatch):
     from vlfast.models import MODELS, example_input
     from vlfast.models.unet import DoubleConv
     torch.manual_seed(0)
@@ -427,7 +435,7 @@ def test_seed_unet_folds_batchnorm_in_eval(monkeypatch):
 
 @pytest.mark.parametrize("case", ["relu", "silu", "no-activation", "bias-no-affine", "grouped-strided",
                                   "channels-last"])
-def test_sequential_conv_batchnorm_activation(case, monkeypatch):
+def test_sequential_conv_batchnorm_activation(fold, case, monkeypatch):
     torch.manual_seed(0)
     bias, affine = case == "bias-no-affine", case != "bias-no-affine"
     groups, stride = (2, 2) if case == "grouped-strided" else (1, 1)
@@ -448,7 +456,7 @@ def test_sequential_conv_batchnorm_activation(case, monkeypatch):
         assert fast.eval()(x).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_folded_batchnorm_reads_live_statistics_and_honours_hooks(monkeypatch):
+def test_folded_batchnorm_reads_live_statistics_and_honours_hooks(fold, monkeypatch):
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
     fast = vlfast.nn.convert(copy.deepcopy(plain))
@@ -469,7 +477,7 @@ def test_folded_batchnorm_reads_live_statistics_and_honours_hooks(monkeypatch):
     assert type(vlfast.nn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))) is nn.Sequential
 
 
-def test_folded_batchnorm_on_the_triton_kernels():
+def test_folded_batchnorm_on_the_triton_kernels(fold):
     if not TRITON:
         pytest.skip("Triton cannot run here")
     torch.manual_seed(0)
@@ -480,3 +488,15 @@ def test_folded_batchnorm_on_the_triton_kernels():
     with vlfast.use_backend("triton"):
         assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
     assert backends.last_backend("conv2d") == "triton"
+
+
+def test_batchnorm_fold_is_off_on_cpu_tensors_by_default(monkeypatch):
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    fast = vlfast.nn.convert(copy.deepcopy(plain))
+    calls = Calls(monkeypatch)
+    x = torch.randn(2, 3, 6, 6)
+    assert_close(fast(x), plain(x))
+    assert calls.count["folded conv2d"] == 0
+    with _overrides.use(fold_batchnorm=False):
+        fast.to(DEVICE)(x.to(DEVICE))
+    assert calls.count["folded conv2d"] == 0

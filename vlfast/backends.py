@@ -136,8 +136,9 @@ def _op_reasons(name: str, op: str, direction: str) -> tuple[str, ...]:
         return (f"vlfast has no {name} kernel for the {direction} of {op}",)
     if name in ("cuda", "cpp") and not isinstance(extension(), str):
         key = "CUDA" if name == "cuda" else "CPU"
-        missing = [k for k in decl.extension_ops.get(direction, ())
-                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{k}", key)]
+        needed = decl.extension_ops.get(direction, ())
+        needed = needed.get(name, ()) if isinstance(needed, dict) else needed  # per backend where they differ
+        missing = [k for k in needed if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vlfast::{k}", key)]
         if missing and (name == "cpp" or getattr(extension(), "WITH_CUDA", False)):
             how = ("left out of this build (VLFAST_SKIP_CUDA) or the build is stale" if name == "cuda"
                    else "missing: the build is stale")

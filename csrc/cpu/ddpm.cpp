@@ -3,7 +3,8 @@
 //
 // Work is split into (sample, chunk) tasks for at::parallel_for; each task walks
 // its chunk in blocks of kBlock elements: draw the block's noise (philox.cpp),
-// then one elementwise pass in fp32. The passes are plain loops that GCC
+// then the elementwise passes in fp32 (x0 first, then prev: the output may be
+// an input itself, see ddpm_step_out_cpu). The passes are plain loops that GCC
 // vectorises, compiled for AVX-512, AVX2+FMA and baseline x86-64 with runtime
 // selection (target_clones): an extension cannot rely on the build machine's
 // -march, nor on at::vec, which only goes past SSE2 inside torch's own
@@ -17,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -51,15 +53,16 @@ struct Job {
   const T* m;        // (B, per_sample) model output at batch stride stride_m, or null
   const T* v;        // (B, per_sample) variance at batch stride stride_v, or null
   const T* z;        // (B, per_sample) given noise at batch stride stride_z, or null
-  T* out;            // (B, per_sample) prev sample
+  T* out;            // (B, per_sample) prev sample at batch stride stride_o
   T* x0;             // (B, per_sample) clipped x0, or null
   T* z_out;          // (B, per_sample) the noise used, or null
   const Row* rows;   // (B,)
-  int64_t stride_m, stride_v, stride_z, per_sample, chunks;
+  int64_t stride_m, stride_v, stride_z, stride_o, per_sample, chunks;
   uint64_t seed, offset;
   bool draw;
   int var_mode;
   bool thresh;
+  bool in_place;     // out is one of x, m, v, z: prev goes through a block buffer (no __restrict__ broken)
 };
 
 // Clamp with NaN passing through, as torch.clamp / torch.maximum do for x.
@@ -117,7 +120,8 @@ VLFAST_INLINE void step_dispatch(const Job<T>& j, const Row& k, const T* x, cons
   }
 }
 
-// One (sample, chunk) task, block by block: noise, then the elementwise pass.
+// One (sample, chunk) task, block by block: noise, then the elementwise passes: x0 and the noise used, then
+// prev (last: out may be x, m, v or z, and its block is then written once all of them were read).
 template <typename T>
 VLFAST_INLINE void run_task(const Job<T>& j, int64_t task) {
   static const T zeros[kBlock] = {};  // model_output absent: m = 0
@@ -125,6 +129,7 @@ VLFAST_INLINE void run_task(const Job<T>& j, int64_t task) {
   const int64_t r_end = std::min((task % j.chunks + 1) * kChunk, j.per_sample);
   const Row& k = j.rows[n];
   alignas(64) float zbuf[kBlock];
+  alignas(64) T obuf[kBlock];
   for (int64_t r = (task % j.chunks) * kChunk; r < r_end; r += kBlock) {
     const int64_t len = std::min(kBlock, r_end - r), base = n * j.per_sample + r;
     // Noise: drawn into zbuf, or given.
@@ -151,15 +156,17 @@ VLFAST_INLINE void run_task(const Job<T>& j, int64_t task) {
     const T* x = j.x + base;
     const T* m = j.m ? j.m + n * j.stride_m + r : zeros;
     const T* v = j.v ? j.v + n * j.stride_v + r : nullptr;
-    switch (j.var_mode) {
-      case VAR_LEARNED: step_dispatch<VAR_LEARNED>(j, k, x, m, v, z, j.out + base, len); break;
-      case VAR_LEARNED_RANGE: step_dispatch<VAR_LEARNED_RANGE>(j, k, x, m, v, z, j.out + base, len); break;
-      default: step_dispatch<VAR_FIXED>(j, k, x, m, v, z, j.out + base, len); break;
-    }
     if (j.x0) x0_block(k, x, m, j.x0 + base, j.thresh, len);
     if (j.z_out && z) {
       for (int64_t i = 0; i < len; ++i) j.z_out[base + i] = static_cast<T>(z[i]);
     }
+    T* out = j.in_place ? obuf : j.out + n * j.stride_o + r;
+    switch (j.var_mode) {
+      case VAR_LEARNED: step_dispatch<VAR_LEARNED>(j, k, x, m, v, z, out, len); break;
+      case VAR_LEARNED_RANGE: step_dispatch<VAR_LEARNED_RANGE>(j, k, x, m, v, z, out, len); break;
+      default: step_dispatch<VAR_FIXED>(j, k, x, m, v, z, out, len); break;
+    }
+    if (j.in_place) std::memcpy(j.out + n * j.stride_o + r, obuf, len * sizeof(T));
   }
 }
 
@@ -202,18 +209,19 @@ std::vector<Row> gather_rows(const at::Tensor& coef, const std::optional<at::Ten
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ddpm_step_cpu(
+// The step with prev written into `out` (checked by the callers: sample's sizes and dtype, its strides in dims
+// 1..); returns (x0, noise).
+std::tuple<at::Tensor, at::Tensor> ddpm_step_into(
     const at::Tensor& sample, const std::optional<at::Tensor>& model_output,
     const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& noise, const at::Tensor& coef,
     const std::optional<at::Tensor>& timesteps, int64_t timestep, const std::optional<at::Tensor>& thresh,
     double clip, int64_t var_mode, bool draw_noise, int64_t seed, int64_t offset,
-    const std::optional<at::Tensor>& rng_state, bool write_x0, bool write_noise) {
+    const std::optional<at::Tensor>& rng_state, bool write_x0, bool write_noise, const at::Tensor& out) {
   const int64_t per_sample = check_ddpm_step_args(sample, model_output, variance, noise, coef, timesteps, thresh,
                                                   clip, var_mode, rng_state);
   const int64_t batch = sample.size(0);
   const bool draw = draw_noise && !noise.has_value();
   const bool has_z = draw || noise.has_value();
-  at::Tensor out = at::empty_like(sample);
   // Unwritten outputs are distinct empty tensors: outputs of a custom op may not alias each other.
   at::Tensor x0 = write_x0 ? at::empty_like(sample) : at::empty({0}, sample.options());
   at::Tensor z = (write_noise && has_z) ? at::empty_like(sample) : at::empty({0}, sample.options());
@@ -224,6 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ddpm_step_cpu(
     const std::vector<Row> rows = gather_rows(coef, timesteps, timestep, thresh, clip, batch);
     const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
     const int64_t task_elems = std::min(per_sample, kChunk);
+    const void* prev = out.const_data_ptr();
+    bool in_place = prev == sample.const_data_ptr();
+    for (const auto* t : {&model_output, &variance, &noise}) {
+      in_place = in_place || (t->has_value() && (*t)->const_data_ptr() == prev);
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sample.scalar_type(), "ddpm_step_cpu", [&] {
       const auto ptr = [](const std::optional<at::Tensor>& t) -> const scalar_t* {
         return t ? t->const_data_ptr<scalar_t>() : nullptr;
@@ -239,25 +252,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ddpm_step_cpu(
                               batch_stride(model_output),
                               batch_stride(variance),
                               batch_stride(noise),
+                              out.stride(0),
                               per_sample,
                               chunks,
                               static_cast<uint64_t>(seed),
                               offset_eff,
                               draw,
                               static_cast<int>(var_mode),
-                              thresh.has_value()};
+                              thresh.has_value(),
+                              in_place};
       at::parallel_for(0, batch * chunks, (kParallelMin + task_elems - 1) / task_elems,
                        [&](int64_t begin, int64_t end) { run_tasks(job, begin, end); });
     });
   }
   if (counter) *counter += 1;
+  return {x0, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ddpm_step_cpu(
+    const at::Tensor& sample, const std::optional<at::Tensor>& model_output,
+    const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& noise, const at::Tensor& coef,
+    const std::optional<at::Tensor>& timesteps, int64_t timestep, const std::optional<at::Tensor>& thresh,
+    double clip, int64_t var_mode, bool draw_noise, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& rng_state, bool write_x0, bool write_noise) {
+  at::Tensor out = at::empty_like(sample);
+  auto [x0, z] = ddpm_step_into(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
+                                var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise, out);
   return {out, x0, z};
+}
+
+// The step writing prev into a caller's `out`: sample's sizes and dtype, its strides in dims 1.. (any batch
+// stride). out may be sample, model_output, variance or noise itself (same memory: prev is written after
+// each block's inputs were read), but share no other memory with any input.
+std::tuple<at::Tensor, at::Tensor> ddpm_step_out_cpu(
+    const at::Tensor& sample, const std::optional<at::Tensor>& model_output,
+    const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& noise, const at::Tensor& coef,
+    const std::optional<at::Tensor>& timesteps, int64_t timestep, const std::optional<at::Tensor>& thresh,
+    double clip, int64_t var_mode, bool draw_noise, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& rng_state, bool write_x0, bool write_noise, at::Tensor& out) {
+  TORCH_CHECK(sample.dim() >= 1, "sample must have a batch dim");
+  check_like_sample(sample, out, "out");
+  at::assert_no_internal_overlap(out);
+  for (const auto* t : {&model_output, &variance, &noise}) {
+    if (t->has_value()) {
+      at::assert_no_partial_overlap(out, **t);
+      if ((*t)->const_data_ptr() == out.const_data_ptr()) {
+        TORCH_CHECK((*t)->strides() == out.strides(), "out shares memory with an input of other strides");
+      }
+    }
+  }
+  at::assert_no_partial_overlap(out, sample);
+  TORCH_CHECK(sample.const_data_ptr() != out.const_data_ptr() || sample.strides() == out.strides(),
+              "out shares memory with sample but has other strides");
+  for (const auto* t : {&timesteps, &thresh, &rng_state}) {
+    if (t->has_value()) at::assert_no_overlap(out, **t);
+  }
+  at::assert_no_overlap(out, coef);
+  return ddpm_step_into(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip, var_mode,
+                        draw_noise, seed, offset, rng_state, write_x0, write_noise, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vlfast, CPU, m) {
   m.impl("ddpm_step_kernel", &ddpm_step_cpu);
+  m.impl("ddpm_step_out_kernel", &ddpm_step_out_cpu);
 }
 
 }  // namespace vlfast

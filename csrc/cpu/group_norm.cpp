@@ -1,10 +1,18 @@
 // CPU kernel of vlfast::group_norm_fwd_kernel: the activation tiles of the output pass and the
 // torch glue (checks, allocation, the parallel phases). The kernel itself, and the notes on its
 // method, are in group_norm.h; group_norm_<dtype>.cpp compile it per dtype.
+#include <unistd.h>
+
+#include <ATen/MemoryOverlap.h>
+
 #include "../layout.h"
 #include "group_norm.h"
 
 namespace vlfast {
+
+// The knob of group_norm_set_cpu_cache (csrc/ops.cpp): -1 automatic, else bytes.
+int64_t group_norm_cpu_cache();
+
 namespace gn_cpu {
 namespace {
 
@@ -186,6 +194,22 @@ namespace {
 
 // ---------------------------------------------------------------- glue
 
+// Bytes of x a fused task may hold for its output pass to read from the cache: the knob of
+// group_norm_set_cpu_cache (csrc/ops.cpp) where set, else half the per-core L2 (the other half holds the
+// next task's slab, prefetched meanwhile, and the output's lines), within [128 KiB, 1 MiB].
+int64_t cache_budget() {
+  const int64_t knob = group_norm_cpu_cache();
+  if (knob >= 0) return knob;
+  static const int64_t automatic = [] {
+    int64_t l2 = 0;
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return l2 > 0 ? std::clamp<int64_t>(l2 / 2, int64_t{128} << 10, int64_t{1} << 20) : int64_t{512} << 10;
+  }();
+  return automatic;
+}
+
 // An optional (shape) parameter as a contiguous tensor of the compute dtype, after checking it.
 at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType acc) {
   if (!t.has_value()) return at::Tensor();
@@ -196,10 +220,13 @@ at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntAr
   return t->to(acc).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
+// The forward into `out` (input's dtype, sizes and strides: written by the kernel's indexing of input;
+// checked by the callers); returns (mean, rstd).
+std::tuple<at::Tensor, at::Tensor> group_norm_fwd_into(
     const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
-    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation) {
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation,
+    const at::Tensor& out) {
   TORCH_CHECK(input.dim() >= 2, "group_norm: input must have shape (N, C, *), got ", input.sizes());
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -219,13 +246,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
   const at::Tensor sh = param(shift, "shift", {N, C}, acc);
 
   const int64_t G = num_groups, S = N * C != 0 ? input.numel() / (N * C) : 0;
-  at::Tensor out = at::empty_like(input);  // dense input: empty_like keeps its strides
   at::Tensor mean = at::empty({N, G}, input.options().dtype(acc));
   at::Tensor rstd = at::empty({N, G}, input.options().dtype(acc));
-  if (N == 0) return {out, mean, rstd};
+  if (N == 0) return {mean, rstd};
 
   const int64_t Cg = C / G, threads = at::get_num_threads(), numel = input.numel();
   const int64_t units = std::max<int64_t>(1, cl ? (S + kRows - 1) / kRows : (S + kChunk - 1) / kChunk);
+  // A fused task's slab of x: NCHW one group, channels-last one sample.
+  const int64_t slab = (cl ? C : Cg) * S * static_cast<int64_t>(input.element_size());
+  const bool fits = slab <= cache_budget();
   // Fused tasks when they keep every thread busy (evenly, or at least 4 each), or the input is small.
   const int64_t fused_tasks = cl ? N : N * G;
   const bool fused = C == 0 || numel < kParallelMin || fused_tasks % threads == 0 || fused_tasks >= 4 * threads;
@@ -246,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
                             rstd.mutable_data_ptr<acc_t>(),
                             fused ? nullptr : part.mutable_data_ptr<double>(),
                             fused ? nullptr : coef.mutable_data_ptr<acc_t>(),
-                            N, C, S, G, Cg, units, eps, static_cast<int>(activation),
+                            N, C, S, G, Cg, units, fits, eps, static_cast<int>(activation),
                             tile_fns(static_cast<int>(activation))};
     // Each phase as a parallel_for whose grain keeps kParallelMin elements a thread, at least.
     const auto run = [&](int phase, int64_t tasks, int64_t elems_per_task) {
@@ -262,7 +291,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
       run(PHASE_APPLY, unit_tasks, numel / unit_tasks);
     }
   });
+  return {mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
+    const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation) {
+  at::Tensor out = at::empty_like(input);  // dense input: empty_like keeps its strides
+  auto [mean, rstd] = group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out);
   return {out, mean, rstd};
+}
+
+// The forward written into a caller's `out`: input's dtype, sizes and strides; out may be input itself (in
+// place), but may share no other memory with input or the parameters.
+std::tuple<at::Tensor, at::Tensor> group_norm_fwd_out_cpu(
+    const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation,
+    at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu(), "group_norm: out must be a CPU tensor, got ", out.device());
+  TORCH_CHECK(out.scalar_type() == input.scalar_type(), "group_norm: out must have the input's dtype ",
+              input.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == input.sizes() && out.strides() == input.strides(),
+              "group_norm: out must have the input's sizes ", input.sizes(), " and strides ", input.strides(),
+              ", got ", out.sizes(), " and ", out.strides());
+  at::assert_no_internal_overlap(out);
+  at::assert_no_partial_overlap(out, input);
+  for (const auto* t : {&weight, &bias, &add, &scale, &shift}) {
+    if (t->has_value()) at::assert_no_overlap(out, **t);
+  }
+  return group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out);
 }
 
 }  // namespace
@@ -270,6 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
 
 TORCH_LIBRARY_IMPL(vlfast, CPU, m) {
   m.impl("group_norm_fwd_kernel", &gn_cpu::group_norm_fwd_cpu);
+  m.impl("group_norm_fwd_out_kernel", &gn_cpu::group_norm_fwd_out_cpu);
 }
 
 }  // namespace vlfast

@@ -21,10 +21,18 @@
 // large mean keep their precision).
 //
 // Work: "fused" tasks own whole groups (NCHW: one group, channels-last: one
-// sample), compute their statistics and then write their output, for NCHW
-// while the group is still in L2. With too few such tasks for the threads,
-// three phases instead: partial sums per unit, a combine per group, the
-// output per unit.
+// sample), compute their statistics and then write their output. Where the
+// task's slab of x fits the cache budget (cache_budget in group_norm.cpp: half
+// the per-core L2), the output pass reads it from L2, and meanwhile prefetches
+// the next task's slab (the next values in memory) into L2: x then streams
+// from memory once, overlapped with the arithmetic, instead of twice in turn.
+// A larger slab is written in reverse order, so that the part the statistics
+// pass read last is read again from the cache. With too few fused tasks for
+// the threads, three phases instead: partial sums per unit, a combine per
+// group, the output per unit.
+//
+// The output may be x itself (same memory, same strides: in place): every
+// value of x is read before the output at its position is written.
 //
 // Vectorisation: the statistics are plain loops that GCC vectorises, compiled
 // for AVX-512, AVX2+FMA and baseline x86-64 with runtime selection
@@ -79,6 +87,7 @@ constexpr int kLanes = 64;              // independent partial sums in the NCHW 
 constexpr int kVec = 16;                // channels-last statistics: channels per fixed-length inner loop
 constexpr int64_t kParallelMin = 32768; // fewer elements than this run on one thread
 constexpr int64_t kTile = 1024;         // values per activation tile
+constexpr int64_t kLine = 64;           // bytes per cache line
 
 // An activation of fp32 values after the affine map: one channel, y = act((x - centre) * alpha + beta) over
 // len values; or rows of cw channels (channels-last), y = act((x - centre[c]) * alpha[c] + beta[c]) over
@@ -105,6 +114,7 @@ struct Job {
   acc_t* coef;          // three-phase mode: (3, N, C) centre, alpha, beta
   int64_t N, C, S, G, Cg;
   int64_t units;        // per channel (NCHW: ceil(S / kChunk)) or per sample (channels-last: ceil(S / kRows))
+  bool fits;            // fused tasks: the slab fits the cache budget (prefetch the next; else write in reverse)
   double eps;
   int act;
   TileFns tile;         // the output pass in fp32 (tile_fns)
@@ -247,15 +257,30 @@ VLFAST_INLINE void finish_group(const Job<T>& j, int64_t n, int64_t g, const acc
   }
 }
 
+// ---------------------------------------------------------------- prefetch
+
+// The cache lines of [p, p + bytes) into L2.
+VLFAST_INLINE void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~static_cast<uintptr_t>(kLine - 1);
+  for (uintptr_t a = first; a < reinterpret_cast<uintptr_t>(c + bytes); a += kLine) {
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
+  }
+}
+
 // ---------------------------------------------------------------- output
 
-// out = act((x - centre) * alpha + beta) over len contiguous elements of one channel, by tiles of kTile.
+// out = act((x - centre) * alpha + beta) over len contiguous elements of one channel, by tiles of kTile, the
+// last tile first where `reverse`; with each tile, the same span of pf (the next task's values) into L2 where
+// pf is given. out may be x.
 template <int ACT, typename T, typename acc_t = at::opmath_type<T>>
-VLFAST_INLINE void apply_channel(const Job<T>& j, const T* __restrict__ x, T* __restrict__ out, int64_t len,
-                                 acc_t centre, acc_t alpha, acc_t beta) {
+VLFAST_INLINE void apply_channel(const Job<T>& j, const T* x, T* out, int64_t len, acc_t centre, acc_t alpha,
+                                 acc_t beta, const T* pf = nullptr, bool reverse = false) {
   alignas(64) float buf[kTile];
-  for (int64_t i0 = 0; i0 < len; i0 += kTile) {
-    const int64_t m = std::min(kTile, len - i0);
+  const int64_t tiles = (len + kTile - 1) / kTile;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t i0 = (reverse ? tiles - 1 - tile : tile) * kTile, m = std::min(kTile, len - i0);
+    if (pf != nullptr) prefetch_l2(pf + i0, m * static_cast<int64_t>(sizeof(T)));
     if constexpr (!kTiled<acc_t>) {
       for (int64_t i = i0; i < i0 + m; ++i) {
         out[i] = static_cast<T>(activate<ACT>((static_cast<acc_t>(x[i]) - centre) * alpha + beta));
@@ -272,6 +297,7 @@ VLFAST_INLINE void apply_channel(const Job<T>& j, const T* __restrict__ x, T* __
 
 // Channels-last: rows [r0, r1) of sample n, channels [c0, c0 + cw), with per-channel maps centre/alpha/beta
 // (cw each). Tiled activations: fp32 directly (tile.rows), other dtypes through a buffer of up to kTile values.
+// out may be x.
 template <int ACT, typename T, typename acc_t = at::opmath_type<T>>
 VLFAST_INLINE void apply_rows(const Job<T>& j, int64_t n, int64_t r0, int64_t r1, int64_t c0, int64_t cw,
                               const acc_t* __restrict__ centre, const acc_t* __restrict__ alpha,
@@ -279,8 +305,8 @@ VLFAST_INLINE void apply_rows(const Job<T>& j, int64_t n, int64_t r0, int64_t r1
   const int64_t base = (n * j.S) * j.C + c0;
   if constexpr (!kTiled<acc_t>) {
     for (int64_t s = r0; s < r1; ++s) {
-      const T* __restrict__ x = j.x + base + s * j.C;
-      T* __restrict__ out = j.out + base + s * j.C;
+      const T* x = j.x + base + s * j.C;
+      T* out = j.out + base + s * j.C;
       for (int64_t c = 0; c < cw; ++c) {
         out[c] = static_cast<T>(activate<ACT>((static_cast<acc_t>(x[c]) - centre[c]) * alpha[c] + beta[c]));
       }
@@ -317,9 +343,11 @@ struct Scratch {
   explicit Scratch(int64_t C) : sums(2 * C), maps(6 * C) {}
 };
 
-// NCHW, fused: group t % G of sample t / G, statistics then output.
+// NCHW, fused: group t % G of sample t / G, statistics then output; next: the thread's next task (or -1),
+// whose group, the Cg * S values after this one's, is prefetched during the output pass where the group fits
+// the cache budget (else the output pass runs backwards).
 template <int ACT, typename T, typename acc_t = at::opmath_type<T>>
-VLFAST_INLINE void nchw_group(const Job<T>& j, int64_t t, Scratch<acc_t>& ws) {
+VLFAST_INLINE void nchw_group(const Job<T>& j, int64_t t, int64_t next, Scratch<acc_t>& ws) {
   const int64_t n = t / j.G, g = t % j.G, Cg = j.Cg;
   double *s1 = ws.sums.data(), *s2 = s1 + Cg;
   acc_t *k = ws.maps.data(), *centre = k + Cg, *alpha = centre + Cg, *beta = alpha + Cg;
@@ -337,12 +365,19 @@ VLFAST_INLINE void nchw_group(const Job<T>& j, int64_t t, Scratch<acc_t>& ws) {
     }
   }
   finish_group(j, n, g, k, s1, s2, centre, alpha, beta);
-  for (int64_t i = 0; i < Cg; ++i) apply_channel<ACT>(j, xg + i * j.S, og + i * j.S, j.S, centre[i], alpha[i], beta[i]);
+  const T* pf = (j.fits && next >= 0) ? xg + (next - t) * Cg * j.S : nullptr;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const int64_t i = j.fits ? c : Cg - 1 - c;
+    apply_channel<ACT>(j, xg + i * j.S, og + i * j.S, j.S, centre[i], alpha[i], beta[i],
+                       pf ? pf + i * j.S : nullptr, !j.fits);
+  }
 }
 
-// Channels-last, fused: sample t, statistics then output.
+// Channels-last, fused: sample n, statistics then output by units of kRows rows; where the sample fits the
+// cache budget, with each unit the same rows of the next task (the next sample, S * C values on) are
+// prefetched, else the units run backwards.
 template <int ACT, typename T, typename acc_t = at::opmath_type<T>>
-VLFAST_INLINE void cl_sample(const Job<T>& j, int64_t n, Scratch<acc_t>& ws) {
+VLFAST_INLINE void cl_sample(const Job<T>& j, int64_t n, int64_t next, Scratch<acc_t>& ws) {
   const int64_t C = j.C;
   double *s1 = ws.sums.data(), *s2 = s1 + C;
   acc_t *k = ws.maps.data(), *centre = k + C, *alpha = centre + C, *beta = alpha + C, *a1 = beta + C, *a2 = a1 + C;
@@ -357,7 +392,12 @@ VLFAST_INLINE void cl_sample(const Job<T>& j, int64_t n, Scratch<acc_t>& ws) {
     const int64_t c = g * j.Cg;
     finish_group(j, n, g, k + c, s1 + c, s2 + c, centre + c, alpha + c, beta + c);
   }
-  apply_rows<ACT>(j, n, 0, j.S, 0, C, centre, alpha, beta);
+  const T* pf = (j.fits && next >= 0) ? j.x + next * j.S * C : nullptr;
+  for (int64_t v = 0; v < j.units; ++v) {
+    const int64_t u = j.fits ? v : j.units - 1 - v, r0 = u * kRows, r1 = std::min(j.S, r0 + kRows);
+    apply_rows<ACT>(j, n, r0, r1, 0, C, centre, alpha, beta);
+    if (pf != nullptr) prefetch_l2(pf + r0 * C, (r1 - r0) * C * static_cast<int64_t>(sizeof(T)));
+  }
 }
 
 // Three-phase mode, phase 1: the partial sums of unit t into part.
@@ -435,8 +475,9 @@ template <int ACT, typename T>
 VLFAST_INLINE void run_act(const Job<T>& j, int phase, bool cl, int64_t begin, int64_t end) {
   Scratch<at::opmath_type<T>> ws(phase == PHASE_APPLY ? 0 : std::max<int64_t>(j.C, 1));
   for (int64_t t = begin; t < end; ++t) {
+    const int64_t next = t + 1 < end ? t + 1 : -1;
     switch (phase) {
-      case PHASE_FUSED: cl ? cl_sample<ACT>(j, t, ws) : nchw_group<ACT>(j, t, ws); break;
+      case PHASE_FUSED: cl ? cl_sample<ACT>(j, t, next, ws) : nchw_group<ACT>(j, t, next, ws); break;
       case PHASE_PARTIAL: partial_unit(j, cl, t, ws); break;
       case PHASE_COMBINE: combine_group(j, cl, t, ws); break;
       default: apply_unit<ACT>(j, cl, t); break;

@@ -7,6 +7,11 @@ mapped the same way), the pair is one convolution, and a ReLU / SiLU / GELU afte
 convolution's epilogue. The folded weight is computed at every call (reads of the live parameters and
 running statistics), so training, ``.data`` writes and ``load_state_dict`` are seen. In training mode, or
 where a part has hooks, each module runs as it is.
+
+On CUDA tensors only: there the fold's few weight-sized kernels replace a pass over the activation (the
+BatchNorm) and a second one (the activation); on the CPU, where oneDNN's convolution and BatchNorm are
+cheap and each small op costs host time, folding at every call measured 2x slower on the small U-Net, so
+the modules run as they are (the ``fold_batchnorm`` knob of ``vlfast.ops._overrides`` forces either way).
 """
 
 from typing import Optional
@@ -14,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops import _overrides
 from ..ops.conv2d import conv2d
 from ._common import _hooked, activation_name, plain_conv
 
@@ -38,15 +44,11 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     device_type = conv.weight.device.type
     autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type, enabled=False) if autocast else _nothing():
-        scale = torch.rsqrt(bn.running_var.to(ct) + bn.eps)
+        scale = (bn.running_var.to(ct) + bn.eps).rsqrt_()
         if bn.weight is not None:
             scale = scale * bn.weight.to(ct)
-        bias = -bn.running_mean.to(ct)
-        if conv.bias is not None:
-            bias = bias + conv.bias.to(ct)
-        bias = bias * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias.to(ct)
+        shift = conv.bias.to(ct) - bn.running_mean if conv.bias is not None else -bn.running_mean.to(ct)
+        bias = torch.addcmul(bn.bias.to(ct), shift, scale) if bn.bias is not None else shift * scale
         weight = conv.weight.to(ct) * scale[:, None, None, None]
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
@@ -63,10 +65,12 @@ def sequential_forward(seq: nn.Sequential, input: Tensor) -> Tensor:
     """``nn.Sequential.forward``, with each plain Conv2d -> eval-mode BatchNorm2d [-> activation] run as one
     convolution."""
     mods = list(seq._modules.values())
+    fold = _overrides.get("fold_batchnorm")
+    fold = input.is_cuda if fold is None else fold
     i = 0
     while i < len(mods):
         conv = mods[i]
-        if i + 1 < len(mods) and plain_conv(conv) and folds(mods[i + 1]):
+        if fold and i + 1 < len(mods) and plain_conv(conv) and folds(mods[i + 1]):
             act: Optional[str] = activation_name(mods[i + 2]) if i + 2 < len(mods) else None
             weight, bias = folded(conv, mods[i + 1])
             input = conv2d(input, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,

@@ -67,6 +67,28 @@ def check_out(out: Optional[Tensor], input: Tensor, shape: list, unbatched: bool
     return out.unsqueeze(0) if unbatched else out
 
 
+def span(t: Optional[Tensor]) -> int:
+    """Bytes from t's first element to just past its last (0 for None or an empty tensor)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def shares_memory(out: Tensor, t: Optional[Tensor]) -> bool:
+    """Whether the memory spans of ``out`` and ``t`` meet (interleaved views, such as two channel slices of one
+    NCHW buffer, count as meeting): where they do, a kernel writing ``out`` could change what it reads of ``t``."""
+    a, b = span(out), span(t)
+    if not a or not b:
+        return False
+    lo, other = out.data_ptr(), t.data_ptr()
+    return other < lo + a and lo < other + b
+
+
+def is_same_tensor(out: Tensor, t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is ``out`` itself: the same first element, shape and strides (an in-place write)."""
+    return t is not None and out.data_ptr() == t.data_ptr() and out.shape == t.shape and out.stride() == t.stride()
+
+
 def activation_backward(grad: Tensor, activation: Optional[str], output: Optional[Tensor], pre_activation) -> Tensor:
     """The gradient through a fused epilogue's activation, by aten: ReLU's from the saved ``output``,
     SiLU's and GELU's from the pre-activation value, which ``pre_activation()`` recomputes (the fused ops

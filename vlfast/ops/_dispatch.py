@@ -5,7 +5,7 @@ An op is a subclass of :class:`Op` declaring
 
 - ``name``, ``forward_backends`` / ``backward_backends`` (the backends with a kernel for each direction;
   ``backward_backends = ()`` for an op without gradients) and ``extension_ops`` (the ``vlfast._C`` ops
-  its cuda/cpp backends call, per direction);
+  its cuda/cpp backends call, per direction, or per backend within a direction where they differ);
 - ``check(*args) -> inputs``: the argument checks (errors name the argument) and what the kernels need
   to know of the call (an object with at least ``device`` and ``dtype``);
 - ``limits(backend, direction, inputs) -> [reason]``: every input-dependent limit of its kernels (index

@@ -16,7 +16,12 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_groups_per_program``: 0 the one-group forward kernel, k >= 1 the channel-run kernel;
 - ``group_norm_cuda_path``: "onepass", "split" or "auto" for the CUDA forward. The CUDA glue keeps this
   one in the extension (``torch.ops.vlfast.group_norm_set_cuda_path``), which :func:`use` sets on
-  entering and restores on leaving: unlike the others it is process-wide, not per thread or context.
+  entering and restores on leaving: unlike the others it is process-wide, not per thread or context;
+- ``group_norm_cpu_cache``: bytes of x a task of the CPU forward may hold in the cache (0: never; absent:
+  half the per-core L2): where a task's slab fits, x streams from memory once. Kept in the extension
+  (``torch.ops.vlfast.group_norm_set_cpu_cache``) and process-wide, like ``group_norm_cuda_path``;
+- ``fold_batchnorm``: True / False: whether ``vlfast.blocks.Sequential`` folds eval-mode BatchNorm into the
+  convolution before it (absent: on CUDA tensors only; see :mod:`vlfast.blocks.sequential`).
 """
 
 import contextlib
@@ -26,7 +31,8 @@ from typing import Any
 import torch
 
 KNOBS = ("conv_transpose_kernel", "group_norm_single_max", "group_norm_split_tile", "group_norm_split_programs",
-         "group_norm_groups_per_program", "group_norm_cuda_path")
+         "group_norm_groups_per_program", "group_norm_cuda_path", "group_norm_cpu_cache",
+         "fold_batchnorm")
 
 _current: contextvars.ContextVar = contextvars.ContextVar("vlfast_overrides", default=None)
 # group_norm_cuda_path -> the code of the extension's setter (csrc/ops.cpp).
@@ -42,20 +48,23 @@ def use(**knobs: Any):
     path = knobs.get("group_norm_cuda_path")
     if path is not None and path not in CUDA_PATHS:
         raise ValueError(f"group_norm_cuda_path must be one of {tuple(CUDA_PATHS)}, got {path!r}")
+    cache = knobs.get("group_norm_cpu_cache")
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 0):
+        raise ValueError(f"group_norm_cpu_cache must be a non-negative int (bytes), got {cache!r}")
     outer = _current.get() or {}
     merged = {**outer, **knobs}
     merged = {k: v for k, v in merged.items() if v is not None}
-    # The CUDA forward's path lives in the extension: set it only where this block changes it.
-    cuda_path = merged.get("group_norm_cuda_path") != outer.get("group_norm_cuda_path")
-    if cuda_path:
-        _set_cuda_path(merged.get("group_norm_cuda_path"))
+    # The knobs kept in the extension: set only where this block changes them.
+    changed = [k for k in _EXTENSION_KNOBS if merged.get(k) != outer.get(k)]
+    for k in changed:
+        _EXTENSION_KNOBS[k](merged.get(k))
     token = _current.set(merged or None)
     try:
         yield
     finally:
         _current.reset(token)
-        if cuda_path:
-            _set_cuda_path(outer.get("group_norm_cuda_path"))
+        for k in changed:
+            _EXTENSION_KNOBS[k](outer.get(k))
 
 
 # Constant while torch.compile traces (a ContextVar cannot be traced): a knob is read once, at trace time.
@@ -71,14 +80,32 @@ def active() -> bool:
     return _current.get() is not None
 
 
-def _set_cuda_path(path) -> None:
-    """Tell the extension's CUDA GroupNorm forward which path to take (None: auto); a no-op without vlfast._C."""
+def _extension_setter(name: str):
+    """The extension's setter ``name``, or None without vlfast._C (no kernels to steer)."""
     try:
         from vlfast import _C  # noqa: F401 - loads the ops
     except ImportError:
-        return  # no extension: no CUDA kernels to force
-    setter = getattr(torch.ops.vlfast, "group_norm_set_cuda_path", None)
+        return None
+    setter = getattr(torch.ops.vlfast, name, None)
     if setter is None:
-        raise RuntimeError("vlfast._C has no group_norm_set_cuda_path: it predates the knob, rebuild it "
+        raise RuntimeError(f"vlfast._C has no {name}: it predates the knob, rebuild it "
                            "(pip install --no-build-isolation -e .)")
-    setter(CUDA_PATHS[path or "auto"])
+    return setter
+
+
+def _set_cuda_path(path) -> None:
+    """Tell the extension's CUDA GroupNorm forward which path to take (None: auto); a no-op without vlfast._C."""
+    setter = _extension_setter("group_norm_set_cuda_path")
+    if setter is not None:
+        setter(CUDA_PATHS[path or "auto"])
+
+
+def _set_cpu_cache(nbytes) -> None:
+    """Tell the extension's CPU GroupNorm forward its cache budget (None: automatic); a no-op without vlfast._C."""
+    setter = _extension_setter("group_norm_set_cpu_cache")
+    if setter is not None:
+        setter(-1 if nbytes is None else nbytes)
+
+
+# The knobs the extension keeps, and their setters.
+_EXTENSION_KNOBS = {"group_norm_cuda_path": _set_cuda_path, "group_norm_cpu_cache": _set_cpu_cache}

@@ -1,10 +1,12 @@
 """The fused DDPM/DDIM update as a torch custom op (its Triton launcher: ``ddpm_triton.py``).
 
-``torch.ops.vlfast.ddpm_step`` takes the backend as its last argument; the
-Python entry :func:`fused_step` checks the inputs, settles the layout, draws a
-seed from the generator and picks the backend; :data:`OP` declares the op to the
-shared dispatch layer (``_dispatch.py``). The coefficient rows come from
-:mod:`vlfast.schedulers`; the formula is in :mod:`vlfast.reference.ddpm`.
+``torch.ops.vlfast.ddpm_step`` takes the backend as its last argument;
+``torch.ops.vlfast.ddpm_step_out`` writes prev into ``out`` (declared mutated, so
+``torch.compile`` handles it). The Python entry :func:`fused_step` checks the
+inputs, settles the layout, draws a seed from the generator and picks the
+backend; :data:`OP` declares the op to the shared dispatch layer
+(``_dispatch.py``). The coefficient rows come from :mod:`vlfast.schedulers`;
+the formula is in :mod:`vlfast.reference.ddpm`.
 """
 
 import functools
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from ..reference import ddpm as ref
 from . import _dispatch, ddpm_triton
-from ._common import check_tensor
+from ._common import check_out, check_tensor, check_writable, is_same_tensor, shares_memory
 
 _INF = float("inf")
 
@@ -45,6 +47,66 @@ def _(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, 
     has_noise = noise is not None or draw_noise
     return (torch.empty_like(sample), torch.empty_like(sample) if write_x0 else sample.new_empty((0,)),
             torch.empty_like(sample) if (write_noise and has_noise) else sample.new_empty((0,)))
+
+
+@torch.library.custom_op("vlfast::ddpm_step_out", mutates_args=("rng_state", "out"))
+def ddpm_step_out(sample: Tensor, model_output: Optional[Tensor], variance: Optional[Tensor],
+                  noise: Optional[Tensor], coef: Tensor, timesteps: Optional[Tensor], timestep: int,
+                  thresh: Optional[Tensor], clip: float, var_mode: int, draw_noise: bool, seed: int, offset: int,
+                  rng_state: Optional[Tensor], write_x0: bool, write_noise: bool, backend: str,
+                  out: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`ddpm_step` with prev written into ``out`` (sample's shape and dtype, any strides); returns
+    (x0, noise)."""
+    return _INTO[backend](out, sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
+                          var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise)
+
+
+@ddpm_step_out.register_fake
+def _(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip, var_mode, draw_noise,
+      seed, offset, rng_state, write_x0, write_noise, backend, out):
+    has_noise = noise is not None or draw_noise
+    return (torch.empty_like(sample) if write_x0 else sample.new_empty((0,)),
+            torch.empty_like(sample) if (write_noise and has_noise) else sample.new_empty((0,)))
+
+
+def _writes_directly(out, sample, model_output, variance, noise, coef, timesteps, thresh, rng_state) -> bool:
+    """Whether a kernel writing prev at sample's offsets can write ``out`` itself (its strides checked by the
+    caller): each elementwise input (sample, model_output, variance, noise) is out itself or apart from it, and
+    nothing else shares out's memory. Elsewhere the result goes through a fresh tensor."""
+    if any(not is_same_tensor(out, t) and shares_memory(out, t) for t in (sample, model_output, variance, noise)):
+        return False
+    return not any(shares_memory(out, t) for t in (coef, timesteps, thresh, rng_state))
+
+
+def _into_copy(impl):
+    """prev into ``out`` by a fresh output and a copy (any strides; any memory shared with the inputs)."""
+    def into(out, *args):
+        prev, x0, z = impl(*args)
+        out.copy_(prev)
+        return x0, z
+    return into
+
+
+def _into_cpp(out, sample, *args):
+    """The CPU kernel writes prev into ``out`` itself where out has sample's strides in dims 1.. (any batch
+    stride) and :func:`_writes_directly`; otherwise through a fresh output."""
+    if out.stride()[1:] == sample.stride()[1:] and _writes_directly(out, sample, *args[:5], args[6], args[12]):
+        return torch.ops.vlfast.ddpm_step_out_kernel(sample, *args, out)
+    return _into_copy(torch.ops.vlfast.ddpm_step_kernel)(out, sample, *args)
+
+
+def _into_triton(out, sample, *args):
+    """The Triton kernel writes prev into ``out`` itself where out has sample's strides and
+    :func:`_writes_directly`; otherwise through a fresh output."""
+    if out.stride() == sample.stride() and _writes_directly(out, sample, *args[:5], args[6], args[12]):
+        _, x0, z = ddpm_triton.ddpm_step(sample, *args, out=out)
+        return x0, z
+    return _into_copy(ddpm_triton.ddpm_step)(out, sample, *args)
+
+
+# The CUDA glue and the reference allocate their output: copied into out.
+_INTO = {"triton": _into_triton, "cuda": _into_copy(_extension_step), "cpp": _into_cpp,
+         "reference": _into_copy(ref.fused_step)}
 
 
 # ---------------------------------------------------------------- checks and per-call arguments
@@ -139,15 +201,16 @@ class DdpmStep(_dispatch.Op):
     values_only = frozenset({3, 7, 10, 11, 12})  # timestep, clip, generator, seed, offset: checked per call
 
     def check(self, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise,
-              generator, seed, offset, rng_state, write_x0, write_noise) -> Inputs:
+              generator, seed, offset, rng_state, write_x0, write_noise, out=None) -> Inputs:
         check_sample(sample)
         dense = sample if _dense(sample) else sample.contiguous()
         for name, t in (("model_output", model_output), ("variance", variance), ("noise", noise)):
             check_tensor(name, t, dense, "sample", shape=dense.shape)
         if var_mode != ref.VAR_FIXED and variance is None:
             raise ValueError("a learned variance type needs the predicted variance (model_output with 2C channels)")
+        check_out(out, sample, list(sample.shape), False)
         args = (sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,
-                seed, offset, rng_state, write_x0, write_noise)
+                seed, offset, rng_state, write_x0, write_noise, out)
         return Inputs(dense, dense is not sample, args, dense.device, dense.dtype)
 
     def limits(self, backend: str, direction: str, inputs: Inputs) -> list[str]:
@@ -171,18 +234,32 @@ class DdpmStep(_dispatch.Op):
         impl = _IMPLS[choice.forward]
         if impl is _extension_step:  # the extension's op itself: one Python layer less a call
             impl = torch.ops.vlfast.ddpm_step_kernel
-        return functools.partial(_step, impl, inputs.copy)
+        return functools.partial(_step, impl, _eager_into(_INTO[choice.forward]), inputs.copy)
 
     def trace(self, inputs: Inputs, choice: _dispatch.Choice):
-        return _step(lambda *args: ddpm_step(*args, choice.forward), inputs.copy, *inputs.args)
+        fwd = choice.forward
+        return _step(lambda *args: ddpm_step(*args, fwd), lambda out, *args: ddpm_step_out(*args, fwd, out),
+                     inputs.copy, *inputs.args)
 
 
 OP = DdpmStep()
 
 
-def _step(impl, copy: bool, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode,
-          draw_noise, generator, seed, offset, rng_state, write_x0, write_noise):
-    """One call's per-call work (layouts, the timestep, the seed), then ``impl(*ddpm_step's arguments)``."""
+def _eager_into(into):
+    """``into`` as an eager call runs it: PyTorch's refusal of an inference tensor outside inference mode first,
+    and out's version bumped after the kernel's write (invisible to autograd), as PyTorch's out= ops do."""
+    def run(out, *args):
+        check_writable(out)
+        x0, z = into(out, *args)
+        torch.autograd.graph.increment_version(out)
+        return x0, z
+    return run
+
+
+def _step(impl, into, copy: bool, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode,
+          draw_noise, generator, seed, offset, rng_state, write_x0, write_noise, out):
+    """One call's per-call work (layouts, the timestep, the seed), then ``impl(*ddpm_step's arguments)``, or
+    ``into(out, *those arguments)`` where ``out`` is given."""
     if copy:
         sample = sample.contiguous()
     if model_output is not None:
@@ -195,9 +272,14 @@ def _step(impl, copy: bool, sample, model_output, coef, timestep, variance, nois
     draw = draw_noise and noise is None
     if draw and seed is None:
         seed, offset = seed_and_offset(generator, sample.device, rng_state)
-    prev, x0, z = impl(sample, model_output, variance, noise, coef, timesteps, t_int, thresh,
-                       _INF if clip is None else float(clip), var_mode, draw, seed or 0, offset,
-                       rng_state if draw else None, write_x0, write_noise)
+    clip = _INF if clip is None else float(clip)
+    args = (sample, model_output, variance, noise, coef, timesteps, t_int, thresh, clip, var_mode, draw, seed or 0,
+            offset, rng_state if draw else None, write_x0, write_noise)
+    if out is None:
+        prev, x0, z = impl(*args)
+    else:
+        x0, z = into(out, *args)
+        prev = out
     return prev, (x0 if write_x0 else None), (z if write_noise and (draw or noise is not None) else None)
 
 
@@ -207,7 +289,7 @@ def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, tim
                clip: Optional[float] = None, var_mode: int = ref.VAR_FIXED, draw_noise: bool = False,
                generator: Optional[torch.Generator] = None, seed: Optional[int] = None, offset: int = 0,
                rng_state: Optional[Tensor] = None, write_x0: bool = True, write_noise: bool = False,
-               backend: Optional[str] = None):
+               out: Optional[Tensor] = None, backend: Optional[str] = None):
     """Checked entry to ``torch.ops.vlfast.ddpm_step``; returns ``(prev, x0 or None, noise or None)``.
 
     sample: (B, *S) float32/float16/bfloat16 (float64 runs the reference, in
@@ -216,7 +298,12 @@ def fused_step(sample: Tensor, model_output: Optional[Tensor], coef: Tensor, tim
     timestep: int, 0-d tensor or (B,) integer tensor. With ``draw_noise`` and no ``noise``, Gaussian
     noise is drawn in the kernel from ``seed`` (default: drawn from ``generator``) and
     ``offset``, plus ``rng_state[0]`` when given (advanced by one per call on the
-    device). Equivalent PyTorch: ``vlfast.reference.ddpm.fused_step``.
+    device). ``out``: a tensor of sample's shape and dtype (any strides) that prev is written into and
+    returned as (its version bumped, as PyTorch's out= ops do); it may be ``sample`` (or model_output,
+    variance, noise) itself. The cpp and Triton kernels write it directly where it has sample's strides
+    (cpp: in dims 1..) and shares no other memory with the inputs; otherwise, and on the cuda and
+    reference backends, prev goes through a temporary. Equivalent PyTorch:
+    ``vlfast.reference.ddpm.fused_step`` (then ``out.copy_(prev)``).
     """
     return OP(sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode, draw_noise, generator,
-              seed, offset, rng_state, write_x0, write_noise, backend=backend)
+              seed, offset, rng_state, write_x0, write_noise, out, backend=backend)

@@ -25,15 +25,17 @@ def max_per_sample(per_sample: int) -> int:
 
 
 def ddpm_step(sample, model_output, variance, noise, coef, timesteps, timestep, thresh, clip,
-              var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise):
+              var_mode, draw_noise, seed, offset, rng_state, write_x0, write_noise, out=None):
     """The ``triton`` backend of ``torch.ops.vlfast.ddpm_step`` (same arguments, less the backend): one
     launch of kernels/ddpm.py's kernel, a program per (sample, block of BLOCK elements). Returns
-    (prev, x0 or an empty tensor, noise or an empty tensor); arguments are assumed checked."""
+    (prev, x0 or an empty tensor, noise or an empty tensor); arguments are assumed checked. ``out``: where
+    given, prev is written into it (sample's strides; it may be sample, model_output, variance or noise
+    itself: each program reads its block before writing it) and returned."""
     from vlfast.kernels.ddpm import ddpm_step_kernel
 
     batch = sample.shape[0]
     per_sample = sample.numel() // batch if batch else 0
-    out = torch.empty_like(sample)
+    out = torch.empty_like(sample) if out is None else out
     noise_mode = 1 if noise is not None else (2 if draw_noise else 0)
     x0 = torch.empty_like(sample) if write_x0 else sample.new_empty((0,))
     z_out = torch.empty_like(sample) if (write_noise and noise_mode) else sample.new_empty((0,))

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _overrides
 from ..activations import code as activation_code
 from ..backends import KERNEL_DTYPES
-from ._common import cdiv, num_sms, pow2, suggest_memory_format
+from ._common import cdiv, num_sms, pow2, shares_memory, suggest_memory_format
 
 # Largest group, padded to powers of two (elements), that one program holds in registers (forward).
 SINGLE_PASS_MAX = {torch.float32: 16384, torch.float16: 32768, torch.bfloat16: 32768}
@@ -191,15 +191,16 @@ def _split_config(n: int, c: int, cpg: int, s: int, stride_c: int, tile: Optiona
 
 def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, add: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                   shift: Optional[Tensor] = None,
-                   activation: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused GroupNorm forward; returns ``(out, mean, rstd)``.
+                   shift: Optional[Tensor] = None, activation: Optional[str] = None,
+                   out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused GroupNorm forward; returns ``(out, mean, rstd)``, ``out`` written where given (see :func:`plan_fwd`).
 
     x: (N, C, *) float32/float16/bfloat16, NCHW-contiguous, channels_last(_3d) or (N, C, L) with unit
     channel stride (other layouts are copied to contiguous); weight, bias: (C,); add, scale, shift:
     (N, C) with unit channel stride (else copied); any float dtypes. out has x's dtype, and the layout
     and strides of F.group_norm's output (x's strides for (N, C, L) with unit channel stride); mean,
-    rstd: (N, G) float32. The knobs of :mod:`vlfast.ops._overrides` override the heuristics (tests, probes): ``group_norm_single_max`` (padded group elements; 0 forces the split path),
+    rstd: (N, G) float32. The knobs of :mod:`vlfast.ops._overrides` override the heuristics (tests,
+    probes): ``group_norm_single_max`` (padded group elements; 0 forces the split path),
     ``group_norm_split_tile``, ``group_norm_split_programs`` and ``group_norm_groups_per_program``
     (the single-pass kernel: 0 the one-group kernel, k >= 1 the channel-run kernel with k groups a
     program, a power of two dividing G; any layout). Equivalent::
@@ -208,19 +209,45 @@ def group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         out = act(F.group_norm(h, G, weight, bias, eps) * (1 + scale[..., None, None]) + shift[..., None, None])
     """
     run = plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation)
-    return run(x, weight, bias, eps, add, scale, shift)
+    return run(x, weight, bias, eps, add, scale, shift, out)
 
 
 def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
              add: Optional[Tensor] = None, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
              activation: Optional[str] = None):
     """Everything :func:`group_norm_fwd` works out from the tensors' metadata (checks, layout, path, tiles,
-    kernel arguments), as ``run(x, weight, bias, eps, add, scale, shift) -> (out, mean, rstd)``, which only
-    allocates and launches. ``run`` is valid for any tensors with the same shapes, strides, dtypes and
-    device as these: the op caches it per geometry, since working it out again costs more host time than
+    kernel arguments), as ``run(x, weight, bias, eps, add, scale, shift, out=None) -> (out, mean, rstd)``,
+    which only allocates and launches. ``run`` is valid for any tensors with the same shapes, strides, dtypes
+    and device as these: the op caches it per geometry, since working it out again costs more host time than
     the kernel takes at small shapes. It is planned under the knobs of :mod:`vlfast.ops._overrides` set
-    when it is made.
+    when it is made. ``out`` (x's shape and dtype, any strides): written and returned; the kernels write it
+    directly where it has the strides of the output they would allocate and shares no memory with the
+    inputs, else a fresh output is copied into it.
     """
+    return _into(_plan_fwd(x, num_groups, weight, bias, add, scale, shift, activation),
+                 torch.empty_like(x, device="meta", memory_format=_out_format(x)).stride())
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """The memory format of the forward's output for x (F.group_norm's; x's own strides where x is in neither)."""
+    fmt = suggest_memory_format(x)
+    return fmt if x.is_contiguous(memory_format=fmt) else torch.preserve_format
+
+
+def _into(run, strides: tuple):
+    """``run`` of :func:`_plan_fwd` with its ``out`` as :func:`plan_fwd` describes it."""
+    def run_into(x, weight, bias, eps, add, scale, shift, out=None):
+        if out is None or (out.stride() == strides and not any(
+                shares_memory(out, t) for t in (x, weight, bias, add, scale, shift))):
+            return run(x, weight, bias, eps, add, scale, shift, out)
+        y, mean, rstd = run(x, weight, bias, eps, add, scale, shift)
+        return out.copy_(y), mean, rstd
+    return run_into
+
+
+def _plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor],
+              scale: Optional[Tensor], shift: Optional[Tensor], activation: Optional[str]):
+    """:func:`plan_fwd`, whose ``run`` takes an ``out`` only where the kernels can write it."""
     from vlfast.kernels.group_norm import (group_norm_apply_kernel, group_norm_finalize_kernel,
                                            group_norm_fwd_fused_groups_kernel, group_norm_fwd_fused_kernel,
                                            group_norm_stats_kernel)
@@ -237,19 +264,19 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
     fmt = suggest_memory_format(x)
     if x_strides is None or not _dense(x) or torch.empty_like(x).stride() != x.stride():
         # A layout the kernels don't index: run on a copy, in the layout F.group_norm would give its output.
-        inner = plan_fwd(x.contiguous(memory_format=fmt), num_groups, weight, bias, add, scale, shift, activation)
+        inner = _plan_fwd(x.contiguous(memory_format=fmt), num_groups, weight, bias, add, scale, shift, activation)
         return lambda x, *rest: inner(x.contiguous(memory_format=fmt), *rest)
     # out in F.group_norm's layout: fmt's own strides, which differ from a dense x's only at size-1 dims
     # (so the kernels index both with x's); x's strides for (N, C, L) with unit channel stride.
-    out_fmt = fmt if x.is_contiguous(memory_format=fmt) else torch.preserve_format
+    out_fmt = _out_format(x)
     stride_n, stride_c, stride_s = x_strides
     strides = (stride_n, stride_c, stride_s, stride_an, stride_scn, stride_shn)
     act = activation_code(activation)
     cpg = c // g
     group_size = float(cpg * s)
 
-    def outputs(x):
-        out = torch.empty_like(x, memory_format=out_fmt)
+    def outputs(x, out=None):
+        out = torch.empty_like(x, memory_format=out_fmt) if out is None else out
         mean = torch.empty((n, g), dtype=torch.float32, device=x.device)
         rstd = torch.empty((n, g), dtype=torch.float32, device=x.device)
         return out, mean, rstd
@@ -261,10 +288,10 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
         return (x if weight is None else weight.contiguous(), x if bias is None else bias.contiguous()) + rows
 
     if n == 0:
-        return lambda x, *rest: outputs(x)
+        return lambda x, weight, bias, eps, add, scale, shift, out=None: outputs(x, out)
     if c == 0 or s == 0:  # as torch: mean 0, rstd NaN over an empty group
-        def run_empty(x, *rest):
-            out, mean, rstd = outputs(x)
+        def run_empty(x, weight, bias, eps, add, scale, shift, out=None):
+            out, mean, rstd = outputs(x, out)
             return out, mean.zero_(), rstd.fill_(float("nan"))
         return run_empty
 
@@ -282,8 +309,8 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
             consts = dict(flags, ACT=act, CPG=cpg, GPP=gpp, BLOCK_C=block_c, BLOCK_S=block_s,
                           num_warps=_warps(gpp * block_c * block_s))
 
-        def run_single(x, weight, bias, eps, add, scale, shift):
-            out, mean, rstd = outputs(x)
+        def run_single(x, weight, bias, eps, add, scale, shift, out=None):
+            out, mean, rstd = outputs(x, out)
             launch(x, out, mean, rstd, *operands(x, weight, bias, add, scale, shift), *ints, eps, **consts)
             return out, mean, rstd
         return run_single
@@ -291,8 +318,8 @@ def plan_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: 
     cfg = _split_config(n, c, cpg, s, stride_c, _overrides.get("group_norm_split_tile"),
                         _overrides.get("group_norm_split_programs"), x.device)
 
-    def run_split(x, weight, bias, eps, add, scale, shift):
-        out, mean, rstd = outputs(x)
+    def run_split(x, weight, bias, eps, add, scale, shift, out=None):
+        out, mean, rstd = outputs(x, out)
         params = operands(x, weight, bias, add, scale, shift)
         part = torch.empty((2, n, c, cfg["P"]), dtype=torch.float32, device=x.device)
         group_norm_stats_kernel[(n * cfg["n_cb"] * cfg["P"],)](

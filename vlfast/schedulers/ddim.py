@@ -130,7 +130,7 @@ class DDIMScheduler(SchedulerBase):
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None,
              variance_noise: Optional[Tensor] = None, return_dict: bool = True, *,
-             return_pred_original_sample: bool = True, backend: Optional[str] = None):
+             return_pred_original_sample: bool = True, out: Optional[Tensor] = None, backend: Optional[str] = None):
         """x_{t-1} from the model output at ``timestep``, in one fused kernel.
 
         model_output, sample: (B, C, *S) float32/float16/bfloat16 (same dtype; float64: computed in
@@ -142,7 +142,9 @@ class DDIMScheduler(SchedulerBase):
         that tuple. Equivalent diffusers call: ``diffusers.DDIMScheduler.step(model_output, timestep,
         sample, eta, use_clipped_model_output, generator, variance_noise, return_dict)``. vlfast extras
         (keyword-only): ``return_pred_original_sample=False`` skips writing pred_original_sample (None
-        then; one tensor less to write), ``backend`` forces a backend.
+        then; one tensor less to write), ``out`` (sample's shape and dtype, any strides; it may be
+        ``sample`` itself) receives x_{t-1} and is returned as ``prev_sample`` (see
+        ``vlfast.ops.fused_step``; a loop reusing it allocates nothing), ``backend`` forces a backend.
         """
         if self.num_inference_steps is None:
             raise ValueError(
@@ -173,7 +175,7 @@ class DDIMScheduler(SchedulerBase):
         prev, x0, _ = fused_step(sample, model_output, coef, timestep, noise=noise, thresh=thresh, clip=self._clip,
                                  draw_noise=draw, generator=generator,
                                  rng_state=self._rng_arg(device, draw), write_x0=return_pred_original_sample,
-                                 backend=backend)
+                                 out=out, backend=backend)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -204,7 +204,8 @@ class DDPMScheduler(SchedulerBase):
         return variance  # fixed_small
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
-             noise: Optional[Tensor] = None, return_pred_original_sample: bool = True, backend: Optional[str] = None):
+             noise: Optional[Tensor] = None, return_pred_original_sample: bool = True, out: Optional[Tensor] = None,
+             backend: Optional[str] = None):
         """x_{t-1} from the model output at ``timestep``, in one fused kernel.
 
         model_output: (B, C, *S), or (B, 2C, *S) for learned variance types (the second half is the
@@ -217,7 +218,10 @@ class DDPMScheduler(SchedulerBase):
         ``diffusers.DDPMScheduler.step(model_output, timestep, sample, generator, return_dict)``.
         vlfast extras (keyword-only): ``noise`` (B, C, *S) replaces the drawn noise;
         ``return_pred_original_sample=False`` skips writing pred_original_sample (None then; one tensor less
-        to write); ``backend`` forces a backend.
+        to write); ``out`` (sample's shape and dtype, any strides; it may be ``sample`` itself) receives
+        x_{t-1} and is returned as ``prev_sample`` (see ``vlfast.ops.fused_step``): a sampling loop that
+        passes the same buffers each step allocates nothing (on the CPU, fresh outputs pay first-touch page
+        faults); ``backend`` forces a backend.
         """
         check_sample(sample)
         variance, var_mode = None, self._var_mode
@@ -245,7 +249,7 @@ class DDPMScheduler(SchedulerBase):
         prev, x0, _ = fused_step(sample, model_output, coef, timestep, variance=variance, noise=noise, thresh=thresh,
                                  clip=self._clip, var_mode=var_mode, draw_noise=draw, generator=generator,
                                  rng_state=self._rng_arg(device, draw), write_x0=return_pred_original_sample,
-                                 backend=backend)
+                                 out=out, backend=backend)
         if not return_dict:
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
