@@ -12,7 +12,8 @@
 # All default steps take 12-13 minutes; on a machine whose calls are capped at 10, run three calls on the
 # same warm machine (the build stays): STEPS="build diagnose tests", then
 # STEPS="group_norm conv_transpose conv2d host profile" (time limits 120 + 150 + 150 + 60 + 60 s), then
-# STEPS=models (150 s; MODELS_LIMIT=400 for every case, torch.compile of each model included).
+# STEPS="models model_profile" (150 + 120 s; MODELS_LIMIT=400 for every case, torch.compile of each model
+# included).
 #   CONV2D_CASES="context module" bash benchmarks/gpu_check.sh   # some of the conv2d benchmark's cases
 #   MODELS_CASES="ddpm_unet sampling" bash benchmarks/gpu_check.sh   # some of the whole-model benchmark's models
 set -uo pipefail
@@ -24,7 +25,7 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
 # Default: the steps above (three calls where calls are capped at 10 minutes; the DDPM step, issue 2, is
 # measured: add "ddpm sweep").
-STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d models host profile"}
+STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d models model_profile host profile"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -102,6 +103,13 @@ if want models && [ -f benchmarks/bench_models.py ]; then
   step "benchmark: models"
   limit "${MODELS_LIMIT:-150}" $PY benchmarks/bench_models.py --json "$OUT/models.json" "${quick[@]}" \
     ${QUICK:+--quick} ${MODELS_CASES:+--models $MODELS_CASES} || status=1
+fi
+if want model_profile; then
+  # The per-layer profile of the DDPM U-Net (eager, converted, compiled; forward and training step) and its figure,
+  # the README's picture of a GPU run.
+  step "profile: ddpm_unet per layer"
+  limit "${MODEL_PROFILE_LIMIT:-120}" $PY -m vlfast profile ddpm_unet --batch 64 --backward --compile --quiet \
+    --json "$OUT/profile_ddpm_unet.json" --plot "$OUT/profile_ddpm_unet.png" || status=1
 fi
 if want ddpm; then
   step "benchmark: ddpm step"
