@@ -442,4 +442,6 @@ def _compare(table: dict[str, dict[str, float]], what: str) -> str:
 def plot(result: dict, path: str) -> None:
     """Draw :func:`profile_model`'s result (time by layer type, whole-model speed-ups) as a PNG at ``path``."""
     from .bench.plot import profile as draw
-    draw(result, path)
+    s, m = result["settings"], result["model"]
+    draw(result, path, f"{m['name']} on {result['machine'].get('name', s['device'])}: inputs "
+                       f"{describe_inputs(m['inputs'])}, model in {s['dtype']}")

@@ -55,9 +55,9 @@ def bench(rows, path: str, title: str = "") -> None:
     fig.savefig(path, dpi=120)
 
 
-def profile(result: dict, path: str) -> None:
+def profile(result: dict, path: str, title: str) -> None:
     """Self time per layer type, eager against vlfast (left), and each variant's whole-model speed-up over
-    eager, forward and forward + backward (right). ``result``: ``vlfast.profile.profile_model``'s."""
+    eager, forward and forward + backward (right), under ``title``. ``result``: ``vlfast.profile.profile_model``'s."""
     by_type = result["by_type"]
     names = list(by_type)
     types = sorted({t for v in names for t in by_type[v]}, key=lambda t: max(by_type[v].get(t, 0) for v in names))
@@ -92,10 +92,7 @@ def profile(result: dict, path: str) -> None:
     right.set_xlabel("speed-up over eager")
     right.set_title("whole model", fontsize=9)
 
-    from ..profile import describe_inputs
-    s, m = result["settings"], result["model"]
-    fig.suptitle(f"{m['name']} on {result['machine'].get('name', s['device'])}: inputs "
-                 f"{describe_inputs(m['inputs'])}, model in {s['dtype']}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
 
 
