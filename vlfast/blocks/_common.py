@@ -1,5 +1,6 @@
 """What every fused block uses: whether a part is a plain layer, and the fused calls."""
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -57,11 +58,17 @@ def upsample_conv_weight(weight: Tensor) -> Tensor:
     that land on the same input pixel. Computed in float32 (at least) and returned in ``weight``'s dtype;
     differentiable, and recomputed at every call so that writes to ``weight`` are seen."""
     fold = torch.tensor(_FOLD, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
-    device_type = weight.device.type
+    with without_autocast(weight):  # the sums in float32; the convolution casts once
+        return torch.einsum("ka,oiab,lb->iokl", fold, weight.to(fold.dtype), fold).to(weight.dtype)
+
+
+def without_autocast(t: Tensor):
+    """A context in which ops on ``t``'s device run in the dtypes they are given (autocast off where it is on):
+    for a weight folded in float32 before the op that autocast casts."""
+    device_type = t.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):  # the sums in float32; the convolution casts once
-            return torch.einsum("ka,oiab,lb->iokl", fold, weight.to(fold.dtype), fold).to(weight.dtype)
-    return torch.einsum("ka,oiab,lb->iokl", fold, weight.to(fold.dtype), fold).to(weight.dtype)
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..ops import _overrides
 from ..ops.conv2d import conv2d
-from ._common import _hooked, activation_name, plain_conv
+from ._common import _hooked, activation_name, plain_conv, without_autocast
 
 
 def folds(bn) -> bool:
@@ -41,9 +41,7 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode; computed in
     float32 (at least), returned in the convolution weight's dtype; differentiable in every parameter."""
     ct = torch.promote_types(conv.weight.dtype, torch.float32)
-    device_type = conv.weight.device.type
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-    with torch.autocast(device_type, enabled=False) if autocast else _nothing():
+    with without_autocast(conv.weight):
         scale = (bn.running_var.to(ct) + bn.eps).rsqrt_()
         if bn.weight is not None:
             scale = scale * bn.weight.to(ct)
@@ -51,14 +49,6 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         bias = torch.addcmul(bn.bias.to(ct), shift, scale) if bn.bias is not None else shift * scale
         weight = conv.weight.to(ct) * scale[:, None, None, None]
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sequential_forward(seq: nn.Sequential, input: Tensor) -> Tensor:

@@ -84,6 +84,42 @@ def shares_memory(out: Tensor, t: Optional[Tensor]) -> bool:
     return other < lo + a and lo < other + b
 
 
+def overlap_safe(run, out: Tensor, reads: tuple, in_place: Optional[int] = None):
+    """``run(out, *reads)`` (a kernel plan writing ``out``) made right for an ``out`` that may share memory with
+    what the kernels read: such a call computes into a fresh tensor of out's strides and copies, giving what
+    ``out.copy_(result)`` gives. The memory spans decide (worked out here once per geometry, so that a call
+    costs a few data_ptr reads); interleaved views, such as two channel slices of one NCHW buffer, count as
+    meeting. ``in_place``: the index in ``reads`` of a tensor that may be ``out`` itself (same first element,
+    same strides), which the kernels read element by element before writing it."""
+    out_span, spans = span(out), [span(t) for t in reads]
+    if not out_span:
+        return run
+    same_strides = in_place is not None and reads[in_place] is not None and reads[in_place].stride() == out.stride()
+
+    def into(out, *reads):
+        lo = out.data_ptr()
+        hi = lo + out_span
+        for k, (t, n) in enumerate(zip(reads, spans)):
+            if n and t.data_ptr() < hi and lo < t.data_ptr() + n:
+                if k == in_place and same_strides and t.data_ptr() == lo:
+                    continue
+                fresh = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+                return out.copy_(run(fresh, *reads))
+        return run(out, *reads)
+    return into
+
+
+def write_out(out: Tensor, into, *args):
+    """``into(*args)``, a kernel's write of ``out``, as PyTorch's out= ops write: an inference tensor refused
+    outside inference mode first, and out's version bumped after (the write is invisible to autograd: a
+    backward that saved out's old values then raises instead of using the new ones). Returns what ``into``
+    returns."""
+    check_writable(out)
+    result = into(*args)
+    torch.autograd.graph.increment_version(out)
+    return result
+
+
 def is_same_tensor(out: Tensor, t: Optional[Tensor]) -> bool:
     """Whether ``t`` is ``out`` itself: the same first element, shape and strides (an in-place write)."""
     return t is not None and out.data_ptr() == t.data_ptr() and out.shape == t.shape and out.stride() == t.stride()

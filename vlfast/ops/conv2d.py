@@ -27,8 +27,8 @@ from ..activations import NAME as ACT_NAME
 from ..activations import activate
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, check_writable,
-                      memory_format, pair)
+from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, memory_format,
+                      pair, write_out)
 
 _aten = torch.ops.aten
 
@@ -270,11 +270,7 @@ class Conv2d(_dispatch.Op):
         def run(input, weight, bias, stride, padding, dilation, groups, activation, residual, out):
             x, r = batched(input, residual)
             if out is not None:
-                check_writable(out)
-                into(out.unsqueeze(0) if unbatched else out, x, weight, bias, r)
-                # A kernel's write is invisible to autograd: bump the version as PyTorch's out= ops do, so that
-                # a backward that saved out's old values raises instead of using the new ones.
-                torch.autograd.graph.increment_version(out)
+                write_out(out, into, out.unsqueeze(0) if unbatched else out, x, weight, bias, r)
                 return out
             y = forward(x, weight, bias, r)
             return y.squeeze(0) if unbatched else y

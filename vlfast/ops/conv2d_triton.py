@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import cdiv, pow2
-from .conv_transpose_triton import _channels_last_strides, _span, conv_transpose2d_into
+from ._common import cdiv, overlap_safe, pow2
+from .conv_transpose_triton import _channels_last_strides, conv_transpose2d_into
 from .igemm import (backward_config, clamp_pow2, conv2d_config, conv2d_weight, depthwise_config, precision,
                     precision_rule, split_k)
 
@@ -136,7 +136,7 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
                 launch(x, conv2d_weight(weight, groups, "taps"), _bias(bias, weight, bias_copy),
                        out if residual is None else residual, out, *args, **consts[prec()])
             return out
-    return _overlap_safe(launch_run, out, x, weight, bias, residual)
+    return overlap_safe(launch_run, out, (x, weight, bias, residual), in_place=3)
 
 
 def _w_contiguous(t: Tensor) -> bool:
@@ -147,29 +147,6 @@ def _w_contiguous(t: Tensor) -> bool:
 def _bias(bias: Optional[Tensor], weight: Tensor, copy: bool) -> Tensor:
     """The bias pointer argument: bias (contiguous), or any tensor where there is none."""
     return weight if bias is None else bias.contiguous() if copy else bias
-
-
-def _overlap_safe(run, out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]):
-    """``run`` for outputs that may share memory with what the kernels read: where out's memory span meets x's,
-    weight's, bias's or residual's, compute into a fresh tensor of out's strides and copy (as
-    conv_transpose_triton.overlap_safe). Exactly the residual tensor (same first element, same strides) runs
-    in place: each element's residual is read by the program that writes it, before it writes it."""
-    spans = (_span(out), _span(x), _span(weight), _span(bias), _span(residual))
-    if not spans[0]:
-        return run
-    same_strides = residual is not None and residual.stride() == out.stride()
-
-    def into(out, x, weight, bias, residual):
-        lo = out.data_ptr()
-        hi = lo + spans[0]
-        for t, span in zip((x, weight, bias, residual), spans[1:]):
-            if span and t.data_ptr() < hi and lo < t.data_ptr() + span:
-                if t is residual and same_strides and t.data_ptr() == lo:
-                    continue
-                fresh = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
-                return out.copy_(run(fresh, x, weight, bias, residual))
-        return run(out, x, weight, bias, residual)
-    return into
 
 
 def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,

@@ -22,8 +22,8 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, check_writable,
-                      memory_format, pair)
+from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, memory_format, overlap_safe,
+                      pair, write_out)
 
 _aten = torch.ops.aten
 
@@ -241,11 +241,7 @@ class ConvTranspose2d(_dispatch.Op):
         def run(input, weight, bias, stride, padding, output_padding, groups, dilation, activation, out):
             x = input.unsqueeze(0) if unbatched else input
             if out is not None:
-                check_writable(out)
-                into(out.unsqueeze(0) if unbatched else out, x, weight, bias)
-                # A kernel's write is invisible to autograd: bump the version as PyTorch's out= ops do, so that
-                # a backward that saved out's old values raises instead of using the new ones.
-                torch.autograd.graph.increment_version(out)
+                write_out(out, into, out.unsqueeze(0) if unbatched else out, x, weight, bias)
                 return out
             y = forward(x, weight, bias)
             return y.squeeze(0) if unbatched else y
@@ -282,12 +278,12 @@ def _planned_into(name: str, inputs: Inputs):
     no ``out`` is given; with an ``out``, right also where it shares memory with an input: ``overlap_safe``)."""
     geometry = inputs.conv_args()[3:]
     if name == "triton":
-        from .conv_transpose_triton import overlap_safe, plan_into
+        from .conv_transpose_triton import plan_into
         i = inputs
         target = i.dst if i.dst is not None else torch.empty(i.shape, dtype=i.dtype, device="meta",
                                                              memory_format=memory_format(i.x))
         run = plan_into(target, i.x, i.weight, i.bias, *geometry)
-        return run if i.dst is None else overlap_safe(run, i.dst, i.x, i.weight, i.bias)
+        return run if i.dst is None else overlap_safe(run, i.dst, (i.x, i.weight, i.bias))
     if name == "reference":  # computes the result, then copies it into dst: right even where they overlap
         return lambda dst, x, weight, bias: _into_reference(dst, x, weight, bias, *geometry)
     raise AssertionError(name)

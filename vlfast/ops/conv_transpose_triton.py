@@ -37,7 +37,7 @@ from ._common import cdiv, pow2
 from .igemm import (arranged_weight, backward_config, clamp_pow2, phase_config, precision, precision_rule,
                     split_k, subpixel_config)
 
-__all__ = ["conv_transpose2d_into", "plan_into", "overlap_safe", "conv_transpose2d_backward", "kernel_for",
+__all__ = ["conv_transpose2d_into", "plan_into", "conv_transpose2d_backward", "kernel_for",
            "precision"]
 
 
@@ -209,34 +209,6 @@ def plan_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], st
             launch(x, arranged_weight(weight, groups, "taps"), bias_arg(bias, weight), out, *ints, **consts[prec()])
         return out
     return run_phase
-
-
-def _span(t: Optional[Tensor]) -> int:
-    """Bytes from t's first element to just past its last (0 for None or an empty tensor)."""
-    if t is None or t.numel() == 0:
-        return 0
-    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
-
-
-def overlap_safe(run, out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """``run`` (a :func:`plan_into` plan) for outputs that may share memory with x, weight or bias, which
-    the kernels would read after writing them: such a call computes into a fresh tensor of the output's
-    strides and copies, giving what ``out.copy_(F.conv_transpose2d(...))`` gives. The memory spans of the
-    tensors decide (worked out here once per geometry, so that a call costs a few data_ptr reads);
-    interleaved views, such as two channel slices of one NCHW buffer, count as overlapping and take the copy."""
-    spans = (_span(out), _span(x), _span(weight), _span(bias))
-    if not spans[0]:
-        return run
-
-    def into(out, x, weight, bias):
-        lo = out.data_ptr()
-        hi = lo + spans[0]
-        for t, span in zip((x, weight, bias), spans[1:]):
-            if span and t.data_ptr() < hi and lo < t.data_ptr() + span:
-                fresh = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
-                return out.copy_(run(fresh, x, weight, bias))
-        return run(out, x, weight, bias)
-    return into
 
 
 def conv_transpose2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, groups: int,

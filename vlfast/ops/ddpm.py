@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..reference import ddpm as ref
 from . import _dispatch, ddpm_triton
-from ._common import check_out, check_tensor, check_writable, is_same_tensor, shares_memory
+from ._common import check_out, check_tensor, is_same_tensor, shares_memory, write_out
 
 _INF = float("inf")
 
@@ -246,14 +246,8 @@ OP = DdpmStep()
 
 
 def _eager_into(into):
-    """``into`` as an eager call runs it: PyTorch's refusal of an inference tensor outside inference mode first,
-    and out's version bumped after the kernel's write (invisible to autograd), as PyTorch's out= ops do."""
-    def run(out, *args):
-        check_writable(out)
-        x0, z = into(out, *args)
-        torch.autograd.graph.increment_version(out)
-        return x0, z
-    return run
+    """``into`` as an eager call runs it: as PyTorch's out= ops write (:func:`write_out`)."""
+    return lambda out, *args: write_out(out, into, out, *args)
 
 
 def _step(impl, into, copy: bool, sample, model_output, coef, timestep, variance, noise, thresh, clip, var_mode,

@@ -23,8 +23,8 @@ from ..activations import NAME as ACT_NAME
 from ..activations import activation_grad
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import (aten_layout, aten_layout_plan, check_out, check_tensor, check_writable, is_same_tensor,
-                      memory_format, shares_memory, suggest_memory_format)
+from ._common import (aten_layout, aten_layout_plan, check_out, check_tensor, is_same_tensor,
+                      memory_format, shares_memory, suggest_memory_format, write_out)
 
 
 # ---------------------------------------------------------------- backends
@@ -325,11 +325,7 @@ class GroupNorm(_dispatch.Op):
 
             def run_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out):
                 x = input.contiguous() if copy else input
-                check_writable(out)
-                into(out, x, groups, weight, bias, float(eps), add, scale, shift, act)
-                # A kernel's write is invisible to autograd: bump the version as PyTorch's out= ops do, so that
-                # a backward that saved out's old values raises instead of using the new ones.
-                torch.autograd.graph.increment_version(out)
+                write_out(out, into, out, x, groups, weight, bias, float(eps), add, scale, shift, act)
                 return out
             return run_into
 
