@@ -89,6 +89,7 @@ setup(
     description="Fused GPU kernels for the layers of segmentation U-Nets, VAEs and DDPM diffusion models",
     packages=get_packages(),
     package_dir={"vlfast.kernels": "kernels"},
+    package_data={"vlfast.tuning": ["*.json"]},  # the per-card tables of measured backend orders
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -11,7 +11,7 @@
 #   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
 # All default steps take 12-13 minutes; on a machine whose calls are capped at 10, run three calls on the
 # same warm machine (the build stays): STEPS="build diagnose tests", then
-# STEPS="group_norm conv_transpose conv2d host profile" (time limits 120 + 150 + 150 + 60 + 60 s), then
+# STEPS="group_norm conv_transpose conv2d tuning host profile" (time limits 120 + 150 + 150 + 60 + 60 s), then
 # STEPS="models model_profile" (150 + 120 s; MODELS_LIMIT=400 for every case, torch.compile of each model
 # included).
 #   CONV2D_CASES="context module" bash benchmarks/gpu_check.sh   # some of the conv2d benchmark's cases
@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
 # Default: the steps above (three calls where calls are capped at 10 minutes; the DDPM step, issue 2, is
 # measured: add "ddpm sweep").
-STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d models model_profile host profile"}
+STEPS=${STEPS:-"build diagnose tests group_norm conv_transpose conv2d models model_profile tuning host profile"}
 status=0
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -118,6 +118,18 @@ fi
 if want sweep; then
   step "sweep: ddpm tiles"
   limit 90 $PY tools/sweep_ddpm.py --json "$OUT/sweep_ddpm.json" || status=1
+fi
+
+if want tuning; then
+  # auto by measurement: the table of this card's winners from the op benchmarks above (vlfast.tuning). Commit it
+  # as vlfast/tuning/<card>.json (the file name `python -m vlfast tuning show --table` prints) to ship it.
+  step "tuning table from this run's benchmarks"
+  results=(); for f in group_norm conv_transpose conv2d ddpm; do [ -f "$OUT/$f.json" ] && results+=("$OUT/$f.json"); done
+  if [ ${#results[@]} -gt 0 ]; then
+    limit 60 $PY -m vlfast tuning build "${results[@]}" -o "$OUT/tuning.json" || status=1
+  else
+    echo "no benchmark JSON in $OUT: run the op benchmarks first"
+  fi
 fi
 
 if want host; then

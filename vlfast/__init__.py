@@ -4,10 +4,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-from . import backends, nn, ops
+from . import backends, nn, ops, tuning
 from .backends import last_backend, use_backend
 
-__all__ = ["backends", "nn", "ops", "schedulers", "use_backend", "last_backend", "__version__"]
+__all__ = ["backends", "nn", "ops", "schedulers", "tuning", "use_backend", "last_backend", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""``python -m vlfast info``, ``bench``, ``sample`` and ``profile``."""
+"""``python -m vlfast info``, ``bench``, ``sample``, ``profile`` and ``tuning``."""
 
 import argparse
 import importlib
@@ -24,7 +24,12 @@ def info() -> None:
         print(f"backends on {dev} tensors:")
         for name, reasons in backends.available(dev).items():
             print(f"  {name:9s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
-    print(f"auto picks, fastest first: cpu {backends.PRIORITY['cpu']}, cuda {backends.PRIORITY['cuda']}")
+    print(f"auto picks, fastest first: cpu {backends.PRIORITY['cpu']}, cuda {backends.PRIORITY['cuda']}, "
+          "unless the op's rule or the card's tuning table says otherwise:")
+    from vlfast import tuning
+    for dev in ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]:
+        table, why = tuning.table_for(torch.device(dev))
+        print(f"  {dev}: " + (f"tuning table {table.source or table.card} ({why})" if table else why))
 
 
 def bench(argv) -> None:
@@ -37,10 +42,19 @@ def bench(argv) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile on a CPU)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--plot", help="also draw the vlfast rows' speed-ups as a PNG (needs matplotlib)")
+    p.add_argument("--tuning", help="also write the tuning table of this device measured by the run to this JSON "
+                                    "file (see `python -m vlfast tuning --help`)")
     args = p.parse_args(argv)
     device = _device(args.device)
     info, copy_gbps, rows = vb.run(device, args.ops, compile_=not args.no_compile)
     vb.report(info, copy_gbps, rows, args.json)
+    if args.tuning:
+        from dataclasses import asdict
+
+        from vlfast import tuning
+        table = tuning.build([asdict(r) for r in rows], info)
+        table.save(args.tuning)
+        print(f"wrote {args.tuning}")
     if args.plot:
         from vlfast.bench import plot
         from vlfast.bench.common import headline
@@ -185,6 +199,36 @@ def profile(argv) -> None:
         print(f"wrote {args.plot}")
 
 
+def tuning(argv) -> None:
+    from vlfast import tuning as vt
+
+    p = argparse.ArgumentParser(prog="python -m vlfast tuning", description=(
+        "The per-card tables of measured backend orders that auto follows (vlfast.tuning). `show`: the table a "
+        "device uses; `build`: a table from benchmark JSON files of one card (python -m vlfast bench --json, "
+        "benchmarks/bench_*.py --json); copy it to vlfast/tuning/<card>.json to ship it, or point VLFAST_TUNING "
+        "at it."))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    show = sub.add_parser("show", help="print the table a device uses")
+    show.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    show.add_argument("--table", help="print this table file instead")
+    build = sub.add_parser("build", help="a table from benchmark JSON files")
+    build.add_argument("results", nargs="+", help="benchmark JSON files, all measured on one card")
+    build.add_argument("-o", "--out", help="write the table here (default: print it only)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "show":
+            table, why = (vt.Table.load(args.table), "given") if args.table else vt.table_for(_device(args.device))
+            print(vt.describe(table, why))
+            return
+        table = vt.build_from_files(args.results)
+    except (OSError, ValueError) as e:
+        sys.exit(f"python -m vlfast tuning {args.cmd}: {e}")
+    print(vt.describe(table, "built from " + ", ".join(args.results)))
+    if args.out:
+        table.save(args.out)
+        print(f"wrote {args.out}")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "info"
@@ -196,8 +240,11 @@ def main(argv=None) -> None:
         sample(argv[1:])
     elif cmd == "profile":
         profile(argv[1:])
+    elif cmd == "tuning":
+        tuning(argv[1:])
     else:
-        sys.exit("usage: python -m vlfast [info | bench [--help] | sample MODEL [--help] | profile MODEL [--help]]"
+        sys.exit("usage: python -m vlfast [info | bench [--help] | sample MODEL [--help] | profile MODEL [--help] "
+                 "| tuning {show,build} [--help]]"
                  f"  (got {cmd!r})")
 
 

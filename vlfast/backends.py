@@ -8,7 +8,8 @@ then the ``VLFAST_BACKEND`` environment variable (read at the first call), then 
 names the forward's and the backward's backend, the same way for every op:
 
 - ``"auto"``: each direction takes the first backend of the op's order for these inputs (fastest first:
-  the op's measured rule, else the device's :data:`PRIORITY`) that can run them; never raises.
+  the card's table of measured orders (:mod:`vlfast.tuning`), else the op's hand-written rule, else the
+  device's :data:`PRIORITY`) that can run them; never raises.
 - ``"X"``: the forward runs on X (a ``RuntimeError`` listing every reason where X cannot); the backward
   runs on X where X has a backward for these inputs, else as under ``auto``.
 - ``"X+Y"``: the forward on X and the backward on Y, both forced.
@@ -46,6 +47,8 @@ _forced = contextvars.ContextVar("vlfast_backend", default=None)
 # so torch.compile guards on its value and recompiles when it changes (see select).
 _compile_request: str | None = None
 _last: dict[tuple[str, str], str] = {}
+# vlfast.tuning.recording's recorders, open now: each sees every call's report.
+recorders: list = []
 
 
 def _check_name(name: str) -> str:
@@ -239,13 +242,17 @@ def select(op: str, direction: str, inputs, backend: str | None = None) -> str:
 
 
 def last_backend(op: str, direction: str = "forward") -> str | None:
-    """The backend that ran ``direction`` of the last call of ``op`` in this process (None before the first)."""
+    """The backend that ran ``direction`` of the last call of ``op`` in this process (None before the first);
+    ``last_backend(op, "key")``: that call's tuning key (:mod:`vlfast.tuning`)."""
     return _last.get((op, direction))
 
 
 def report(choices: dict) -> None:
-    """Record {(op, direction): backend} for last_backend (a cached plan's choices)."""
+    """Record {(op, direction): backend} (and {(op, "key"): tuning key}) for last_backend (a plan's choices)
+    and for any open :func:`vlfast.tuning.recording`."""
     _last.update(choices)
+    for rec in recorders:
+        rec.add(choices)
 
 
 def available(device_type: str, op: str | None = None, direction: str = "forward") -> dict[str, list[str]]:

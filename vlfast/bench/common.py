@@ -10,13 +10,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import tuning
+
 
 @dataclass
 class Timing:
-    """Median and 20th/80th percentiles of one provider, in microseconds."""
+    """Median and 20th/80th percentiles of one provider, in microseconds, and what the vlfast ops ran while
+    it was timed (:meth:`vlfast.tuning.Recorder.summary`: per op and direction the tuning key and backend
+    of most calls; empty where no vlfast op ran): what ``python -m vlfast tuning build`` makes tables of."""
     median: float
     p20: float
     p80: float
+    ran: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -33,6 +38,13 @@ class Row:
 
 def bench(fn, device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
     """Time ``fn`` (no arguments): CUDA events via triton.testing.do_bench on a GPU, a wall clock on the CPU."""
+    with tuning.recording() as calls:
+        timing = _bench(fn, device, warmup_ms, rep_ms)
+    timing.ran = calls.summary()
+    return timing
+
+
+def _bench(fn, device: torch.device, warmup_ms: float, rep_ms: float) -> Timing:
     if device.type == "cuda":
         from triton.testing import do_bench
         med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
@@ -67,15 +79,16 @@ def bench_graph(fn, repeats: int = 20) -> Timing:
     from triton.testing import do_bench
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
+    with tuning.recording() as calls:
+        with torch.cuda.stream(s):
             fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                fn()
     med, p20, p80 = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return Timing(med * 1e3 / repeats, p20 * 1e3 / repeats, p80 * 1e3 / repeats)
+    return Timing(med * 1e3 / repeats, p20 * 1e3 / repeats, p80 * 1e3 / repeats, calls.summary())
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -95,17 +108,6 @@ def _git_sha() -> str:
                               text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _nvml(index: int) -> dict:
@@ -155,9 +157,10 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
-        info.update(name=props.name, sms=props.multi_processor_count, cuda=torch.version.cuda, **_nvml(idx))
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    cuda=torch.version.cuda, **_nvml(idx))
     else:
-        info.update(name=_cpu_name(), threads=torch.get_num_threads())
+        info.update(name=tuning.cpu_name(), threads=torch.get_num_threads())
     return info
 
 

@@ -11,8 +11,10 @@ An op is a subclass of :class:`Op` declaring
 - ``limits(backend, direction, inputs) -> [reason]``: every input-dependent limit of its kernels (index
   widths, grid sizes, unsupported geometries), which :func:`vlfast.backends.not_supported_reasons` adds
   to the device's and the build's;
-- ``order(direction, inputs)``: auto's fastest-first order for these inputs where it was measured to
-  differ from the device's default (None otherwise);
+- ``tuning_fields(inputs)``: the coarse classes of a call (layout, kernel, channels, size) that key the
+  per-card tables of measured orders (:mod:`vlfast.tuning`);
+- ``rule(direction, inputs)``: auto's fastest-first order for these inputs on a card without a table (or
+  a call no table entry speaks for), where it differs from the device's default (None otherwise);
 - ``plan(inputs, choice, grad) -> run``: the eager call, with everything worked out from the metadata
   done once (``run`` takes the entry's arguments and only allocates and launches);
 - ``trace(inputs, choice)``: the call under ``torch.compile``, through the op's torch custom ops;
@@ -37,7 +39,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from .. import backends
+from .. import backends, tuning
 from . import _overrides
 
 PLAN_CACHE_SIZE = 256
@@ -125,7 +127,7 @@ def grad_recorded(values) -> bool:
 
 
 class Plan(NamedTuple):
-    report: dict            # {(op, direction): backend} for last_backend
+    report: dict            # {(op, direction): backend, (op, "key"): tuning key} for last_backend
     run: Callable[..., Any]  # run(*entry arguments) -> the entry's result
 
 
@@ -153,7 +155,10 @@ class Op:
     def limits(self, backend: str, direction: str, inputs) -> list[str]:
         return []
 
-    def order(self, direction: str, inputs) -> Optional[tuple[str, ...]]:
+    def tuning_fields(self, inputs) -> tuple[str, ...]:
+        return ()
+
+    def rule(self, direction: str, inputs) -> Optional[tuple[str, ...]]:
         return None
 
     def plan(self, inputs, choice: Choice, grad: bool) -> Callable[..., Any]:
@@ -163,6 +168,12 @@ class Op:
         raise NotImplementedError
 
     # ---- written once
+    def order(self, direction: str, inputs) -> Optional[tuple[str, ...]]:
+        """auto's fastest-first order for one call: the device's tuning table where it has an entry for the
+        call's key (or a prefix of it), else :meth:`rule`."""
+        measured = tuning.lookup(self.name, direction, tuning.key(self.name, inputs), inputs.device)
+        return measured if measured is not None else self.rule(direction, inputs)
+
     def backends(self, direction: str) -> tuple[str, ...]:
         return self.forward_backends if direction == "forward" else self.backward_backends
 
@@ -206,10 +217,11 @@ class Op:
         inputs = self.check(*args)
         choice = self.select(inputs, backend, grad)
         run = self.plan(inputs, choice, grad)
+        report = {(self.name, "forward"): choice.forward, (self.name, "key"): tuning.key(self.name, inputs)}
+        if choice.backward is not None:
+            report[(self.name, "backward")] = choice.backward
+        backends.report(report)
         if key is not None:
-            report = {(self.name, "forward"): choice.forward}
-            if choice.backward is not None:
-                report[(self.name, "backward")] = choice.backward
             self.plans.put(key, Plan(report, run))
         return run(*args)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import tuning
 from ..reference import conv2d as ref
 from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
@@ -236,7 +237,18 @@ class Conv2d(_dispatch.Op):
             reasons.append(f"groups={i.groups}: the Triton kernels take at most 65535 (a grid axis)")
         return reasons
 
-    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+    def tuning_fields(self, inputs: Inputs) -> tuple[str, ...]:
+        """Layout, kind (dense, grouped, depthwise), kernel and stride, dilation, channels per group in and
+        out, output pixels of the batch, and the epilogue's writes (out=, residual or plain)."""
+        i, (cout, cin_g, kh, kw) = inputs, inputs.weight.shape
+        kind = "dense" if i.groups == 1 else "depthwise" if cin_g == 1 else "grouped"
+        return (tuning.layout_class(i.x), kind, f"k{kh}x{kw}s{i.stride[0]}x{i.stride[1]}",
+                tuning.channel_class(max(i.dilation), "d"), tuning.channel_class(cin_g, "cin"),
+                tuning.channel_class(cout // i.groups, "cout"),
+                tuning.size_class(i.shape[0] * i.shape[2] * i.shape[3], "px"),
+                "out" if i.dst is not None else "res" if i.residual is not None else "plain")
+
+    def rule(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
         """On CUDA, the Triton forward only where :func:`_triton_pays`; the backward on the reference
         (aten's convolution_backward: cuDNN). On the CPU the device's default (the reference: oneDNN)."""
         if inputs.device.type != "cuda":

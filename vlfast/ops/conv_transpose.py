@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .. import tuning
 from ..reference import conv_transpose as ref
 from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
@@ -214,7 +215,18 @@ class ConvTranspose2d(_dispatch.Op):
             reasons.append(f"the Triton backward takes dilation 1, got {i.dilation}")
         return reasons
 
-    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+    def tuning_fields(self, inputs: Inputs) -> tuple[str, ...]:
+        """Layout, kind (dense or grouped), kernel and stride, the padding class ("p0": none, no output padding,
+        no dilation), channels per group in and out, input pixels of the batch, and whether it writes out=."""
+        i, (cin, cout_g, kh, kw) = inputs, inputs.weight.shape
+        plain = not any(i.padding) and not any(i.output_padding) and i.dilation == [1, 1]
+        return (tuning.layout_class(i.x), "dense" if i.groups == 1 else "grouped",
+                f"k{kh}x{kw}s{i.stride[0]}x{i.stride[1]}", "p0" if plain else "pad",
+                tuning.channel_class(cin // i.groups, "cin"), tuning.channel_class(cout_g, "cout"),
+                tuning.size_class(i.x.shape[0] * i.x.shape[2] * i.x.shape[3], "px"),
+                "out" if i.dst is not None else "plain")
+
+    def rule(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
         """On CUDA, Triton only where :func:`_triton_pays`; the Triton backward is not yet measured against
         cuDNN's, so the reference (aten's convolution_backward) stays first."""
         if inputs.device.type != "cuda":

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .. import tuning
 from ..reference import ddpm as ref
 from . import _dispatch, ddpm_triton
 from ._common import check_out, check_tensor, is_same_tensor, shares_memory, write_out
@@ -222,7 +223,11 @@ class DdpmStep(_dispatch.Op):
                     f"{ddpm_triton.max_per_sample(per_sample)} (its grid's second axis)"]
         return []
 
-    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+    def tuning_fields(self, inputs: Inputs) -> tuple[str, ...]:
+        """One layout (the kernels see a dense sample) and the sample's elements."""
+        return "dense", tuning.size_class(inputs.sample.numel(), "n")
+
+    def rule(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
         """H100 (benchmarks/NOTES.md, 2026-11-26): on 16-bit tensors of millions of elements the Triton kernel
         took 75 µs against the CUDA kernel's 120 µs; below that, the CUDA kernel's cheaper launch wins."""
         s = inputs.sample

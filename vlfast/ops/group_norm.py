@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, tuning
 from ..reference import group_norm as ref
 from ..activations import NAME as ACT_NAME
 from ..activations import activation_grad
@@ -297,7 +297,13 @@ class GroupNorm(_dispatch.Op):
             return [f"one sample has {per_sample} elements; the Triton kernels index a sample with int32"]
         return []
 
-    def order(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
+    def tuning_fields(self, inputs: Inputs) -> tuple[str, ...]:
+        """Layout, elements of the batch and elements of one group."""
+        x = inputs.x
+        per_group = x.numel() // max(x.shape[0] * inputs.num_groups, 1)
+        return tuning.layout_class(x), tuning.size_class(x.numel(), "n"), tuning.size_class(per_group, "g")
+
+    def rule(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
         """H100 (benchmarks/NOTES.md, 2026-11-26): the Triton forward beat the CUDA one at every measured
         shape replayed in a CUDA graph and at most of them per call, except where it takes its split path
         (three launches: 8x512x32², 4x128x256²), where the CUDA forward was faster at five of six bf16 rows
