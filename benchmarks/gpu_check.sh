@@ -124,7 +124,8 @@ if want tuning; then
   # auto by measurement: the table of this card's winners from the op benchmarks above (vlfast.tuning). Commit it
   # as vlfast/tuning/<card>.json (the file name `python -m vlfast tuning show --table` prints) to ship it.
   step "tuning table from this run's benchmarks"
-  results=(); for f in group_norm conv_transpose conv2d ddpm; do [ -f "$OUT/$f.json" ] && results+=("$OUT/$f.json"); done
+  results=()
+  for f in group_norm conv_transpose conv2d ddpm; do [ -f "$OUT/$f.json" ] && results+=("$OUT/$f.json"); done
   if [ ${#results[@]} -gt 0 ]; then
     limit 60 $PY -m vlfast tuning build "${results[@]}" -o "$OUT/tuning.json" || status=1
   else

@@ -46,7 +46,8 @@ def test_size_and_channel_classes():
     assert tuning.layout_class(torch.empty(2, 3, 4, 5)) == "nchw"
     assert tuning.layout_class(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)) == "channels_last"
     assert tuning.layout_class(torch.empty(2, 1, 4, 5).to(memory_format=torch.channels_last)) == "nchw"  # both
-    assert tuning.slug("NVIDIA H200") == "nvidia-h200" and tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert tuning.slug("NVIDIA H200") == "nvidia-h200"
+    assert tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_keys_of_each_op():
