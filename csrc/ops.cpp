@@ -29,6 +29,8 @@ std::atomic<int64_t> gn_cuda_path{0};
 // The CPU GroupNorm forward's cache budget in bytes (-1: automatic, half the per-core L2): fused tasks whose
 // slab of x fits it read x once from memory (csrc/cpu/group_norm.h). A test and probe knob, as above.
 std::atomic<int64_t> gn_cpu_cache{-1};
+// The CPU GroupNorm forward's output stores (-1: automatic, 0: cached, 1: streaming, past the caches).
+std::atomic<int64_t> gn_cpu_stream{-1};
 }  // namespace
 
 void group_norm_set_cuda_path(int64_t path) {
@@ -45,6 +47,14 @@ void group_norm_set_cpu_cache(int64_t bytes) {
 }
 
 int64_t group_norm_cpu_cache() { return gn_cpu_cache.load(std::memory_order_relaxed); }
+
+void group_norm_set_cpu_stream(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1,
+              "group_norm_set_cpu_stream: mode must be -1 (automatic), 0 (cached) or 1 (streaming), got ", mode);
+  gn_cpu_stream.store(mode, std::memory_order_relaxed);
+}
+
+int64_t group_norm_cpu_stream() { return gn_cpu_stream.load(std::memory_order_relaxed); }
 
 }  // namespace vlfast
 
@@ -97,6 +107,9 @@ TORCH_LIBRARY(vlfast, m) {
   // (vlfast.ops._overrides, knob group_norm_cpu_cache); and read it back.
   m.def("group_norm_set_cpu_cache(int bytes) -> ()", &vlfast::group_norm_set_cpu_cache);
   m.def("group_norm_cpu_cache() -> int", &vlfast::group_norm_cpu_cache);
+  // The CPU GroupNorm forward's output stores (-1 automatic, 0 cached, 1 streaming), as above.
+  m.def("group_norm_set_cpu_stream(int mode) -> ()", &vlfast::group_norm_set_cpu_stream);
+  m.def("group_norm_cpu_stream() -> int", &vlfast::group_norm_cpu_stream);
 }
 
 extern "C" {

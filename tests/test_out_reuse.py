@@ -3,7 +3,8 @@
 - The CPU GroupNorm kernel where a task's slab of x fits the cache budget (output pass from the cache, the
   next task's slab prefetched) and where it does not (output pass backwards), forced with the knob
   ``group_norm_cpu_cache``, against float64: both layouts, every activation, odd sizes, poisoned outputs,
-  in place; bit-identical whichever path and thread count.
+  in place; with streaming stores (knob ``group_norm_cpu_stream``) at every alignment of the output;
+  bit-identical whichever path, store and thread count.
 - ``out=`` of ``vlfast.ops.group_norm``, ``vlfast.ops.fused_step`` and the schedulers' ``step`` on every
   backend: the result of the call without it, written in place (same storage, version bumped), memory
   shared with an input, strides other than the kernels' own, PyTorch's refusals (stride 0, inference
@@ -124,9 +125,9 @@ def test_cache_paths_bit_identical_across_budgets_and_threads(layout):
     results = []
     threads = torch.get_num_threads()
     try:
-        for n_threads, budget in itertools.product((threads, 1), BUDGETS.values()):
+        for n_threads, budget, stream in itertools.product((threads, 1), BUDGETS.values(), (False, True)):
             torch.set_num_threads(n_threads)
-            with _overrides.use(group_norm_cpu_cache=budget):
+            with _overrides.use(group_norm_cpu_cache=budget, group_norm_cpu_stream=stream):
                 results.append(kernel(x, 4, p, "gelu"))
     finally:
         torch.set_num_threads(threads)
@@ -146,6 +147,49 @@ def test_kernel_in_place(shape, groups, layout, budget):
         y = x.clone()
         kernel(y, groups, p, "silu", y)
     assert torch.equal(y, want)
+
+
+@cpp
+@pytest.mark.parametrize("budget", ["beyond", "within"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,groups", CACHE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else f"G{v}")
+def test_streaming_stores_write_what_cached_stores_write(shape, groups, layout, budget):
+    """The float32 output by streaming stores (forced on these small shapes) is bit for bit the output by
+    cached stores, into a fresh output and into an ``out`` at every alignment (the unaligned head and the
+    tail of each channel or row); in place the kernel keeps cached stores."""
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    x, p = make_gn(shape, layout == "channels_last")
+    with _overrides.use(group_norm_cpu_cache=BUDGETS[budget], group_norm_cpu_stream=False):
+        want = kernel(x, groups, p, "silu")
+    gn_check(want[0], x, groups, p, "silu")
+    with _overrides.use(group_norm_cpu_cache=BUDGETS[budget], group_norm_cpu_stream=True):
+        got = kernel(x, groups, p, "silu")
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        for offset in (1, 5, 16):  # elements past a 64-byte boundary
+            buf = torch.full((x.numel() + 16,), float("nan"))
+            out = buf[offset:offset + x.numel()].as_strided(x.shape, x.stride())
+            kernel(x, groups, p, "silu", out)
+            assert torch.equal(out, want[0]), offset
+            assert buf[:offset].isnan().all() and buf[offset + x.numel():].isnan().all()
+        y = x.clone()
+        kernel(y, groups, p, "silu", y)
+        assert torch.equal(y, want[0])
+
+
+@cpp
+def test_stream_knob():
+    assert torch.ops.vlfast.group_norm_cpu_stream() == -1
+    with _overrides.use(group_norm_cpu_stream=True):
+        assert torch.ops.vlfast.group_norm_cpu_stream() == 1
+        with _overrides.use(group_norm_cpu_stream=False):
+            assert torch.ops.vlfast.group_norm_cpu_stream() == 0
+        assert torch.ops.vlfast.group_norm_cpu_stream() == 1
+    assert torch.ops.vlfast.group_norm_cpu_stream() == -1
+    with pytest.raises(ValueError, match="group_norm_cpu_stream"):
+        with _overrides.use(group_norm_cpu_stream=1):
+            pass
 
 
 @cpp

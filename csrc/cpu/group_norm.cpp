@@ -12,6 +12,8 @@ namespace vlfast {
 
 // The knob of group_norm_set_cpu_cache (csrc/ops.cpp): -1 automatic, else bytes.
 int64_t group_norm_cpu_cache();
+// The knob of group_norm_set_cpu_stream (csrc/ops.cpp): -1 automatic, 0 cached stores, 1 streaming stores.
+int64_t group_norm_cpu_stream();
 
 namespace gn_cpu {
 namespace {
@@ -138,11 +140,26 @@ VLFAST_AVX512 VLFAST_INLINE __m512 gelu_avx512(__m512 y) {
 VLFAST_AVX512 VLFAST_INLINE __m512 none_avx512(__m512 y) { return y; }
 VLFAST_AVX512 VLFAST_INLINE __m512 relu_avx512(__m512 y) { return _mm512_max_ps(_mm512_setzero_ps(), y); }  // NaN: y
 
-template <__m512 (*F)(__m512)>
+// NT: whole aligned vectors of y by streaming stores (the first up to 15 values, to y's alignment, and the
+// tail as before).
+template <__m512 (*F)(__m512), bool NT = false>
 VLFAST_AVX512 void channel_avx512(const float* x, float* y, int64_t len, float centre, float alpha,
                                                 float beta) {
   const __m512 c = _mm512_set1_ps(centre), a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
   int64_t i = 0;
+  if constexpr (NT) {
+    const int64_t head = std::min<int64_t>(len, ((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4);
+    if (head > 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0) {
+      const __mmask16 m = static_cast<__mmask16>((1u << head) - 1);
+      _mm512_mask_storeu_ps(y, m, F(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), c), a, b)));
+      i = head;
+    }
+    if ((reinterpret_cast<uintptr_t>(y + i) & 63) == 0) {
+      for (; i + 16 <= len; i += 16) {
+        _mm512_stream_ps(y + i, F(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), c), a, b)));
+      }
+    }
+  }
   for (; i + 16 <= len; i += 16) {
     _mm512_storeu_ps(y + i, F(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), c), a, b)));
   }
@@ -151,7 +168,8 @@ VLFAST_AVX512 void channel_avx512(const float* x, float* y, int64_t len, float c
     _mm512_mask_storeu_ps(y + i, m, F(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), c), a, b)));
   }
 }
-template <__m512 (*F)(__m512)>
+// NT: whole vectors at 64-byte aligned addresses by streaming stores, the rest as before.
+template <__m512 (*F)(__m512), bool NT = false>
 VLFAST_AVX512 void rows_avx512(const float* x, float* y, int64_t ld, int64_t rows, int64_t cw,
                                              const float* centre, const float* alpha, const float* beta) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -161,7 +179,11 @@ VLFAST_AVX512 void rows_avx512(const float* x, float* y, int64_t ld, int64_t row
       const __mmask16 m = cw - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - i)) - 1);
       const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + i), _mm512_maskz_loadu_ps(m, centre + i));
       const __m512 a = _mm512_maskz_loadu_ps(m, alpha + i), b = _mm512_maskz_loadu_ps(m, beta + i);
-      _mm512_mask_storeu_ps(yr + i, m, F(_mm512_fmadd_ps(v, a, b)));
+      if (NT && m == 0xFFFF && (reinterpret_cast<uintptr_t>(yr + i) & 63) == 0) {
+        _mm512_stream_ps(yr + i, F(_mm512_fmadd_ps(v, a, b)));
+      } else {
+        _mm512_mask_storeu_ps(yr + i, m, F(_mm512_fmadd_ps(v, a, b)));
+      }
     }
   }
 }
@@ -174,19 +196,22 @@ TileFns tile_fns(int act) {
 #if VLFAST_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   if (avx512) {
+#define VLFAST_AVX512_FNS(F) {channel_avx512<F>, rows_avx512<F>, channel_avx512<F, true>, rows_avx512<F, true>}
     switch (act) {
-      case ACT_SILU: return {channel_avx512<silu_avx512>, rows_avx512<silu_avx512>};
-      case ACT_RELU: return {channel_avx512<relu_avx512>, rows_avx512<relu_avx512>};
-      case ACT_GELU: return {channel_avx512<gelu_avx512>, rows_avx512<gelu_avx512>};
-      default: return {channel_avx512<none_avx512>, rows_avx512<none_avx512>};
+      case ACT_SILU: return VLFAST_AVX512_FNS(silu_avx512);
+      case ACT_RELU: return VLFAST_AVX512_FNS(relu_avx512);
+      case ACT_GELU: return VLFAST_AVX512_FNS(gelu_avx512);
+      default: return VLFAST_AVX512_FNS(none_avx512);
     }
+#undef VLFAST_AVX512_FNS
   }
 #endif
+  // Portable: cached stores only (GCC has no portable streaming store).
   switch (act) {
-    case ACT_SILU: return {silu_channel_portable, silu_rows_portable};
-    case ACT_RELU: return {relu_channel_portable, relu_rows_portable};
-    case ACT_GELU: return {gelu_channel_portable, gelu_rows_portable};
-    default: return {none_channel_portable, none_rows_portable};
+    case ACT_SILU: return {silu_channel_portable, silu_rows_portable, silu_channel_portable, silu_rows_portable};
+    case ACT_RELU: return {relu_channel_portable, relu_rows_portable, relu_channel_portable, relu_rows_portable};
+    case ACT_GELU: return {gelu_channel_portable, gelu_rows_portable, gelu_channel_portable, gelu_rows_portable};
+    default: return {none_channel_portable, none_rows_portable, none_channel_portable, none_rows_portable};
   }
 }
 
@@ -210,6 +235,9 @@ int64_t cache_budget() {
   return automatic;
 }
 
+// Output bytes from which the automatic mode stores by streaming stores.
+constexpr int64_t kStreamMin = int64_t{8} << 20;
+
 // An optional (shape) parameter as a contiguous tensor of the compute dtype, after checking it.
 at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType acc) {
   if (!t.has_value()) return at::Tensor();
@@ -221,12 +249,12 @@ at::Tensor param(const std::optional<at::Tensor>& t, const char* name, at::IntAr
 }
 
 // The forward into `out` (input's dtype, sizes and strides: written by the kernel's indexing of input;
-// checked by the callers); returns (mean, rstd).
+// checked by the callers; `fresh`: allocated for this call); returns (mean, rstd).
 std::tuple<at::Tensor, at::Tensor> group_norm_fwd_into(
     const at::Tensor& input, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation,
-    const at::Tensor& out) {
+    const at::Tensor& out, bool fresh) {
   TORCH_CHECK(input.dim() >= 2, "group_norm: input must have shape (N, C, *), got ", input.sizes());
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -255,6 +283,13 @@ std::tuple<at::Tensor, at::Tensor> group_norm_fwd_into(
   // A fused task's slab of x: NCHW one group, channels-last one sample.
   const int64_t slab = (cl ? C : Cg) * S * static_cast<int64_t>(input.element_size());
   const bool fits = slab <= cache_budget();
+  // Streaming stores for a fresh NCHW float32 output of kStreamMin bytes or more: writing it past the caches
+  // saves reading each line before writing it, a third of the traffic; a smaller one stays in the cache for
+  // the next op. Not for a caller's `out`, nor channels-last (both measured slower: benchmarks/NOTES.md, "CPU
+  // kernels"), nor in place.
+  const int64_t stream_knob = group_norm_cpu_stream();
+  const bool stream = dtype == at::kFloat && out.data_ptr() != input.data_ptr() &&
+                      (stream_knob >= 0 ? stream_knob == 1 : fresh && !cl && numel * 4 >= kStreamMin);
   // Fused tasks when they keep every thread busy (evenly, or at least 4 each), or the input is small.
   const int64_t fused_tasks = cl ? N : N * G;
   const bool fused = C == 0 || numel < kParallelMin || fused_tasks % threads == 0 || fused_tasks >= 4 * threads;
@@ -275,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_fwd_into(
                             rstd.mutable_data_ptr<acc_t>(),
                             fused ? nullptr : part.mutable_data_ptr<double>(),
                             fused ? nullptr : coef.mutable_data_ptr<acc_t>(),
-                            N, C, S, G, Cg, units, fits, eps, static_cast<int>(activation),
+                            N, C, S, G, Cg, units, fits, stream, eps, static_cast<int>(activation),
                             tile_fns(static_cast<int>(activation))};
     // Each phase as a parallel_for whose grain keeps kParallelMin elements a thread, at least.
     const auto run = [&](int phase, int64_t tasks, int64_t elems_per_task) {
@@ -299,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t activation) {
   at::Tensor out = at::empty_like(input);  // dense input: empty_like keeps its strides
-  auto [mean, rstd] = group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out);
+  auto [mean, rstd] =
+      group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out, true);
   return {out, mean, rstd};
 }
 
@@ -321,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_fwd_out_cpu(
   for (const auto* t : {&weight, &bias, &add, &scale, &shift}) {
     if (t->has_value()) at::assert_no_overlap(out, **t);
   }
-  return group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out);
+  return group_norm_fwd_into(input, num_groups, weight, bias, eps, add, scale, shift, activation, out, false);
 }
 
 }  // namespace

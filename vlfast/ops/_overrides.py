@@ -20,6 +20,9 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_cpu_cache``: bytes of x a task of the CPU forward may hold in the cache (0: never; absent:
   half the per-core L2): where a task's slab fits, x streams from memory once. Kept in the extension
   (``torch.ops.vlfast.group_norm_set_cpu_cache``) and process-wide, like ``group_norm_cuda_path``;
+- ``group_norm_cpu_stream``: True / False: whether the CPU forward writes float32 output by streaming
+  (non-temporal) stores, past the caches (absent: for fresh NCHW outputs of 8 MiB or more). Kept in the
+  extension (``torch.ops.vlfast.group_norm_set_cpu_stream``) and process-wide, like ``group_norm_cpu_cache``;
 - ``fold_batchnorm``: True / False: whether ``vlfast.blocks.Sequential`` folds eval-mode BatchNorm into the
   convolution before it (absent: on CUDA tensors only; see :mod:`vlfast.blocks.sequential`).
 """
@@ -32,7 +35,7 @@ import torch
 
 KNOBS = ("conv_transpose_kernel", "group_norm_single_max", "group_norm_split_tile", "group_norm_split_programs",
          "group_norm_groups_per_program", "group_norm_cuda_path", "group_norm_cpu_cache",
-         "fold_batchnorm")
+         "group_norm_cpu_stream", "fold_batchnorm")
 
 _current: contextvars.ContextVar = contextvars.ContextVar("vlfast_overrides", default=None)
 # group_norm_cuda_path -> the code of the extension's setter (csrc/ops.cpp).
@@ -51,6 +54,9 @@ def use(**knobs: Any):
     cache = knobs.get("group_norm_cpu_cache")
     if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 0):
         raise ValueError(f"group_norm_cpu_cache must be a non-negative int (bytes), got {cache!r}")
+    stream = knobs.get("group_norm_cpu_stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ValueError(f"group_norm_cpu_stream must be True, False or None, got {stream!r}")
     outer = _current.get() or {}
     merged = {**outer, **knobs}
     merged = {k: v for k, v in merged.items() if v is not None}
@@ -107,5 +113,13 @@ def _set_cpu_cache(nbytes) -> None:
         setter(-1 if nbytes is None else nbytes)
 
 
+def _set_cpu_stream(stream) -> None:
+    """Tell the extension's CPU GroupNorm forward how to store (None: automatic); a no-op without vlfast._C."""
+    setter = _extension_setter("group_norm_set_cpu_stream")
+    if setter is not None:
+        setter(-1 if stream is None else int(stream))
+
+
 # The knobs the extension keeps, and their setters.
-_EXTENSION_KNOBS = {"group_norm_cuda_path": _set_cuda_path, "group_norm_cpu_cache": _set_cpu_cache}
+_EXTENSION_KNOBS = {"group_norm_cuda_path": _set_cuda_path, "group_norm_cpu_cache": _set_cpu_cache,
+                    "group_norm_cpu_stream": _set_cpu_stream}
