@@ -8,6 +8,8 @@
 #   STEPS="build tests ddpm" bash benchmarks/gpu_check.sh
 #   QUICK=1 bash benchmarks/gpu_check.sh         # fewer benchmark shapes, no torch.compile
 #   PROBES=0 bash benchmarks/gpu_check.sh        # without the tuning probes (tools/probes.py) in the benchmarks
+#   TILES=1 STEPS="build conv_transpose conv2d tuning" bash benchmarks/gpu_check.sh   # + the tile probes (a compile
+#                                                 # per tile and case: a run of its own); the table keeps the winners
 #   PROFILE_CASES=gn-16x256x64-nhwc-triton STEPS=profile bash benchmarks/gpu_check.sh   # ncu counters
 # All default steps take 12-13 minutes; on a machine whose calls are capped at 10, run three calls on the
 # same warm machine (the build stays): STEPS="build diagnose tests", then
@@ -80,7 +82,10 @@ if want tests; then
 fi
 
 quick=(); [ -n "${QUICK:-}" ] && quick=(--no-compile)
-probes=(--probes); [ "${PROBES:-1}" = 0 ] && probes=()  # tuning probes (tools/probes.py) beside the user's rows
+# Tuning probes (tools/probes.py: forced paths, tile configs) beside the user's rows; the tuning step keeps the
+# knobs a backend won with.
+probes=(--probes); [ "${PROBES:-1}" = 0 ] && probes=()
+[ -n "${TILES:-}" ] && export VLFAST_TILE_PROBES=1
 if want group_norm; then
   step "benchmark: group_norm"
   limit "${GN_LIMIT:-120}" $PY benchmarks/bench_group_norm.py --json "$OUT/group_norm.json" "${quick[@]}" "${probes[@]}" \
@@ -94,7 +99,7 @@ fi
 if want conv2d && [ -f benchmarks/bench_conv2d.py ]; then
   # Cases in order of importance, the bf16 channels_last layout first: a run cut by the limit keeps those rows.
   step "benchmark: conv2d"
-  limit "${CONV2D_LIMIT:-150}" $PY benchmarks/bench_conv2d.py --json "$OUT/conv2d.json" "${quick[@]}" \
+  limit "${CONV2D_LIMIT:-150}" $PY benchmarks/bench_conv2d.py --json "$OUT/conv2d.json" "${quick[@]}" "${probes[@]}" \
     ${CONV2D_CASES:+--cases $CONV2D_CASES} || status=1
 fi
 if want models && [ -f benchmarks/bench_models.py ]; then

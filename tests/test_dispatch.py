@@ -68,15 +68,22 @@ def test_ops_called_from_several_threads_give_each_caller_its_result():
     assert not run_in_threads(work, 6) and len(results) == 6
 
 
-def test_overrides_bypass_the_plan_cache():
+def test_overrides_key_the_plan_cache():
+    """A plan made under knobs serves calls under the same knobs only."""
     x = torch.randn(2, 8, 3, 3)
     gn.OP.plans.clear()
     with torch.no_grad(), _overrides.use(group_norm_single_max=0):
-        vlfast.ops.group_norm(x, 4, backend="reference")
-    assert len(gn.OP.plans) == 0
+        for _ in range(2):
+            vlfast.ops.group_norm(x, 4, backend="reference")
+    assert len(gn.OP.plans) == 1
     with torch.no_grad():
         vlfast.ops.group_norm(x, 4, backend="reference")
-    assert len(gn.OP.plans) == 1
+    assert len(gn.OP.plans) == 2
+    with torch.no_grad(), _overrides.use(group_norm_single_max=0):
+        vlfast.ops.group_norm(x, 4, backend="reference")
+    with torch.no_grad(), _overrides.use(group_norm_single_max=64):
+        vlfast.ops.group_norm(x, 4, backend="reference")
+    assert len(gn.OP.plans) == 3
     with pytest.raises(ValueError, match="unknown override"):
         with _overrides.use(no_such_knob=1):
             pass

@@ -358,3 +358,126 @@ def test_package_tables_are_valid():
             t = tuning.Table.load(path)
         assert os.path.basename(path) == tuning.slug(t.card) + ".json"
         assert t.device_type == "cuda" and t.capability
+
+
+# ---------------------------------------------------------------- knobs: a backend's tiles and paths
+TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 1}
+
+
+def test_tile_knob_is_checked_and_replaces_the_rule():
+    from vlfast.ops import _overrides, igemm
+    for bad in ({"BLOCK_Q": 16}, {"BLOCK_M": 24}, {"BLOCK_N": 512}, {"num_warps": 32}, {"num_warps": 3},
+                {"num_stages": 9}, {"GROUP_M": 0}, {"BLOCK_K": True}, [16]):
+        with pytest.raises(ValueError, match="igemm_tiles"):
+            with _overrides.use(igemm_tiles=bad):
+                pass
+    rule = igemm.phase_config(4096, 64, 32, torch.bfloat16)
+    with _overrides.use(igemm_tiles={"BLOCK_M": 32, "BLOCK_K": 128, "num_stages": 2}):
+        cfg = igemm.phase_config(4096, 64, 32, torch.bfloat16)
+        assert cfg == {**rule, "BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2}  # K no longer than Cin/G allows
+        sub = igemm.subpixel_config(4096, 256, 64, 64, torch.bfloat16)
+        assert sub["BLOCK_M"] == 32 and sub["BLOCK_K"] == 64 and sub["num_stages"] == 2
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+def test_tile_knob_runs_right(op):
+    from vlfast.ops import _overrides
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 24, 7, 9, generator=g)
+    if op == "conv2d":
+        w, b = torch.randn(20, 24, 3, 3, generator=g), torch.randn(20, generator=g)
+        call = lambda **kw: conv2d(x, w, b, 1, 2, 2, activation="relu", **kw)  # noqa: E731
+        want = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 1, 2, 2)).float()
+    else:
+        w, b = torch.randn(24, 20, 4, 4, generator=g), torch.randn(20, generator=g)
+        call = lambda **kw: vlfast.ops.conv_transpose2d(x, w, b, stride=2, padding=1, **kw)  # noqa: E731
+        want = torch.nn.functional.conv_transpose2d(x.double(), w.double(), b.double(), 2, 1).float()
+    for tiles in (TILES, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}):
+        with _overrides.use(igemm_tiles=tiles):
+            torch.testing.assert_close(call(backend="triton"), want, rtol=1e-4, atol=1e-4)
+
+
+def test_table_knobs_are_checked():
+    with pytest.raises(ValueError, match="not knobs a plan reads"):
+        tuning.Table({**table({}), "entries": {"group_norm": {"forward": {"float32/nchw": {
+            "order": ["cpp"], "knobs": {"cpp": {"group_norm_cpu_cache": 0}}}}}}})
+    with pytest.raises(ValueError, match="igemm_tiles"):
+        tuning.Table({**table({}), "entries": {"conv2d": {"forward": {"float32/nchw": {
+            "order": ["triton"], "knobs": {"triton": {"igemm_tiles": {"BLOCK_M": 7}}}}}}}})
+    with pytest.raises(ValueError, match="backend"):
+        tuning.Table({**table({}), "entries": {"conv2d": {"forward": {"float32/nchw": {
+            "order": ["triton"], "knobs": {"cudnn": {}}}}}}})
+
+
+def test_auto_plans_with_the_tables_knobs_at_the_measured_key():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2, 8, 9, 9, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 2, 2).float()
+    k = tuning.key("conv2d", CONV2D.check(x, w, None, 1, 2, 2, 1, None, None, None))
+    data = table({"conv2d": {k: ["triton", "reference"], "float32/nchw": ["triton", "reference"]}})
+    data["entries"]["conv2d"]["forward"][k]["knobs"] = {"triton": {"igemm_tiles": TILES}}
+    data["entries"]["conv2d"]["forward"]["float32/nchw"]["knobs"] = {"triton": {"igemm_tiles": TILES}}
+    with tuning.use_table(data):
+        with tuning.recording() as rec:
+            for _ in range(2):
+                torch.testing.assert_close(conv2d(x, w, None, 1, 2, 2), want, rtol=1e-4, atol=1e-4)
+        assert rec.summary()["conv2d forward"] == {"key": k, "backend": "triton", "share": 1.0,
+                                                  "knobs": {"igemm_tiles": TILES}}
+        assert tuning.decision("conv2d", CONV2D.check(x, w, None, 1, 2, 2, 1, None, None, None))["knobs"] == \
+            {"triton": {"igemm_tiles": TILES}}
+        with tuning.recording() as rec:  # another key under the same prefix: its order, not the knobs
+            conv2d(x[:1], w, None, 1, 2, 2)
+        assert rec.summary()["conv2d forward"]["backend"] == "triton"
+        assert "knobs" not in rec.summary()["conv2d forward"]
+        from vlfast.ops import _overrides
+        with _overrides.use(igemm_tiles={"BLOCK_M": 32}), tuning.recording() as rec:  # the caller's knob wins
+            conv2d(x, w, None, 1, 2, 2)
+        assert rec.summary()["conv2d forward"]["knobs"] == {"igemm_tiles": {"BLOCK_M": 32}}
+
+
+def test_build_keeps_the_knobs_a_backend_won_with():
+    k = K1
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+
+    def r(case, provider, us, backend=None, knobs=None):
+        got = ran(k, backend or provider.split("-")[1].split()[0])
+        if knobs:
+            got["conv2d forward"]["knobs"] = knobs
+        return row("conv2d fwd", case, provider, us, got)
+    rows = [row("conv2d fwd", "a", "eager", 60.0), r("a", "vlfast-triton", 40.0),
+            r("a", "vlfast-triton tiles 64x128x64 w4 s4", 30.0, knobs={"igemm_tiles": tiles}),
+            r("a", "vlfast-triton tiles 128x256x64 w8 s3", 45.0, knobs={"igemm_tiles": {**tiles, "BLOCK_N": 256}}),
+            r("a", "vlfast-auto", 41.0, backend="triton")]
+    t = tuning.build(rows, MACHINE)
+    e = t.data["entries"]["conv2d"]["forward"][k]
+    assert e["order"] == ["triton", "reference"] and e["rel"] == {"triton": 1.0, "reference": 2.0}
+    assert e["knobs"] == {"triton": {"igemm_tiles": tiles}}
+    assert "knobs" not in t.data["entries"]["conv2d"]["forward"]["bfloat16/channels_last"]
+    # Two cases at one key that won with different tiles: no knobs (neither speaks for the key).
+    rows += [row("conv2d fwd", "b", "eager", 60.0), r("b", "vlfast-triton", 20.0),
+             r("b", "vlfast-triton tiles 64x128x64 w4 s4", 30.0, knobs={"igemm_tiles": tiles})]
+    assert "knobs" not in tuning.build(rows, MACHINE).data["entries"]["conv2d"]["forward"][k]
+
+
+def test_probes_run_through_the_op_and_are_recorded_with_their_knobs(monkeypatch):
+    """The tuning probes (tools/probes.py) call the op under knobs, so a benchmark row of one records the
+    key, the backend and the knobs the table keeps; tile probes only where asked, in 16-bit channels_last,
+    never wider than the GEMM."""
+    sys.path.insert(0, ROOT)
+    from tools import probes
+    x, w, b = torch.randn(2, 32, 5, 5), torch.randn(32), torch.randn(32)
+    temb = torch.randn(2, 32)
+    run = probes.forced_group_norm("ddpm", group_norm_single_max=0)
+    with tuning.recording() as rec:
+        y = run(x, w, b, temb, None, None)
+    want = torch.nn.functional.silu(torch.nn.functional.group_norm(x + temb[:, :, None, None], probes.G, w, b))
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    assert rec.summary()["group_norm forward"]["backend"] == "triton"
+    assert rec.summary()["group_norm forward"]["knobs"] == {"group_norm_single_max": 0}
+    monkeypatch.delenv("VLFAST_TILE_PROBES", raising=False)
+    assert probes._tiles(256, 256, torch.bfloat16, True) == []
+    monkeypatch.setenv("VLFAST_TILE_PROBES", "1")
+    assert len(probes._tiles(256, 256, torch.bfloat16, True)) == 3
+    assert [t["BLOCK_N"] for t in probes._tiles(128, 128, torch.bfloat16, True)] == [64, 128]
+    assert probes._tiles(12, 64, torch.bfloat16, True) == []
+    assert probes._tiles(256, 256, torch.float32, True) == [] and probes._tiles(256, 256, torch.bfloat16, False) == []

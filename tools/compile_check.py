@@ -11,6 +11,7 @@ the kernels rely on into assertions. Run it from the repository root, without TR
 
     python tools/compile_check.py           # one line per case
     python tools/compile_check.py --json    # one JSON object: case -> facts
+    python tools/compile_check.py --tiles   # the convolution cases under each tile probe (tools/probes.py)
 """
 
 import os
@@ -244,6 +245,22 @@ CASES = {
 }
 
 
+def tile_cases() -> dict:
+    """Each forward implicit-GEMM case of :data:`CASES` compiled under each tile config of tools/probes.py."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.probes import TILES, tile_name
+    from vlfast.ops import _overrides
+    out = {}
+    for name, make in CASES.items():
+        if ("conv2d" in name and ("depthwise" in name or "grad" in name)) or "grad" in name or name.startswith("gn"):
+            continue
+        for t in TILES:
+            with _overrides.use(igemm_tiles=t):
+                out[f"{name} {tile_name(t).removeprefix('vlfast-triton tiles ')}"] = make()
+    return out
+
+
 def main():
     import argparse
     import json
@@ -251,10 +268,12 @@ def main():
 
     ap = argparse.ArgumentParser(description="Compile vlfast's Triton kernels for sm_90 without a GPU.")
     ap.add_argument("--json", action="store_true", help="one JSON object (case -> facts) instead of the table")
+    ap.add_argument("--tiles", action="store_true",
+                    help="the implicit-GEMM forward cases under each tile config of the tuning probes instead")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET unset: under the interpreter the kernels are not compiled")
-    results = {name: make() for name, make in CASES.items()}
+    results = tile_cases() if args.tiles else {name: make() for name, make in CASES.items()}
     if args.json:
         print(json.dumps({name: dict(vars(r), loads=dict(r.loads), stores=dict(r.stores))
                           for name, r in results.items()}))

@@ -79,8 +79,10 @@ GROUPS = ("context", "module", "dilated", "aspp", "resnet", "ddpm")
 def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compile_=True, extra=None):
     """Yield (label, thunk) pairs; each thunk returns the Rows of one case and layout (all providers).
 
-    ``shapes``: {name: :class:`Case`} to run instead of the device's defaults. ``extra`` is accepted for
-    the common interface; this op has no tuning probes yet.
+    ``shapes``: {name: :class:`Case`} to run instead of the device's defaults. ``extra(case=, device=,
+    dtype=, channels_last=, fused=, names=)``, where given, returns more providers for one case, {name:
+    fn(*tensors, picks=None)}, timed forward only (the tuning probes of tools/probes.py); ``fused(backend)``
+    makes the case's vlfast function, ``names`` the providers already in the case.
     """
     todo = shapes or (GPU_CASES if device.type == "cuda" else CPU_CASES)
     variants = GPU_VARIANTS if device.type == "cuda" else [(torch.float32, False)]
@@ -92,7 +94,7 @@ def cases(device: torch.device, shapes=None, dtypes=None, providers=None, compil
                 continue  # fp32 ASPP adds nothing the fp32 layer rows do not show
             label = f"{name} {str(dtype).replace('torch.', '')}{' NHWC' if cl else ''}"
             yield label, (lambda c=case, d=dtype, cl=cl, lab=label: _case(device, c, d, cl, lab, providers,
-                                                                           compile_))
+                                                                           compile_, extra))
 
 
 # ---------------------------------------------------------------- the problem of one case
@@ -220,7 +222,7 @@ def _forced(device):
 
 
 # ---------------------------------------------------------------- one case, every provider
-def _case(device, case, dtype, channels_last, label, providers, compile_):
+def _case(device, case, dtype, channels_last, label, providers, compile_, extra=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gpu, nhwc16 = device.type == "cuda", dtype == torch.bfloat16 and channels_last
@@ -236,6 +238,9 @@ def _case(device, case, dtype, channels_last, label, providers, compile_):
         fns["torch.compile"] = compiled(eager)
     fns["vlfast-auto"] = fused("auto")
     fns.update({f"vlfast-{bk}": fused(bk) for bk in _forced(device)})
+    probes = extra(case=case, device=device, dtype=dtype, channels_last=channels_last, fused=fused,
+                   names=tuple(fns)) if extra else {}
+    fns.update(probes)
     if providers:
         fns = {k: v for k, v in fns.items() if k in providers or k == "eager"}
     want, _ = _fp32(eager, tensors)
@@ -257,12 +262,13 @@ def _case(device, case, dtype, channels_last, label, providers, compile_):
             continue
         ran = {"ran": _ran(picks)} if picks else {}
         rows.append(_time(op, label, dtype, name, lambda fn=fn: fn(*tensors), device, nbytes, flops, ran))
-        if gpu and nhwc16 and name != "torch.compile":
+        if gpu and nhwc16 and name != "torch.compile" and name not in probes:
             # 20 calls replayed from one CUDA graph: the GPU time without the host's (warm L2, though).
             rows.append(_time(op, label, dtype, f"graph:{name}", lambda fn=fn: fn(*tensors), device, nbytes, flops,
                               ran, graph=True))
     if case.backward and case.kind != "aspp" and (nhwc16 or not gpu):
-        rows += _backward_rows(device, case, dtype, label, fns, tensors, want, flops, nbytes)
+        users = {k: v for k, v in fns.items() if k not in probes}
+        rows += _backward_rows(device, case, dtype, label, users, tensors, want, flops, nbytes)
     return rows
 
 

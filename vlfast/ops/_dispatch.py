@@ -25,13 +25,15 @@ An op is a subclass of :class:`Op` declaring
 arguments as PyTorch would; under ``torch.compile`` and ``torch.jit.trace`` it calls the op's custom
 ops; under ``torch.func`` transforms and forward-mode AD it runs :meth:`Op.reference`. Otherwise, at a
 geometry seen before (shapes, strides, dtypes, devices and the non-tensor arguments; whether gradients
-are recorded; the backend request), eager calls skip the checks and the planning and run the cached
-plan; at a new one it checks, selects the forward's backend and, where gradients are recorded, the
-backward's (:func:`vlfast.backends.select`), plans and caches. :func:`autograd` makes the eager
+are recorded; the backend request; the private knobs set), eager calls skip the checks and the planning
+and run the cached plan; at a new one it checks, selects the forward's backend and, where gradients are
+recorded, the backward's (:func:`vlfast.backends.select`), plans (under the knobs the card's tuning table
+gives that backend at the call's key, :func:`vlfast.tuning.knobs`) and caches. :func:`autograd` makes the eager
 training path and the custom op's ``register_autograd`` from one ``setup_context`` and one ``backward``,
 with gradients of any order (the reference's where the backward itself is recorded).
 """
 
+import contextlib
 import threading
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -127,7 +129,7 @@ def grad_recorded(values) -> bool:
 
 
 class Plan(NamedTuple):
-    report: dict            # {(op, direction): backend, (op, "key"): tuning key} for last_backend
+    report: dict            # {(op, direction): backend, (op, "key"): tuning key, (op, "knobs"): plan knobs}
     run: Callable[..., Any]  # run(*entry arguments) -> the entry's result
 
 
@@ -205,8 +207,8 @@ class Op:
         geometry, requires_grad = _geometry(args, self.values_only)
         grad = requires_grad and torch.is_grad_enabled()
         key = None
-        if geometry is not None and not _overrides.active():
-            key = (geometry, grad, backend, backends.requested())
+        if geometry is not None:
+            key = (geometry, grad, backend, backends.requested(), _overrides.snapshot())
             try:
                 hit = self.plans.get(key)
             except TypeError:  # an unhashable argument: the checked path says what is wrong with it
@@ -216,8 +218,16 @@ class Op:
                 return hit.run(*args)
         inputs = self.check(*args)
         choice = self.select(inputs, backend, grad)
-        run = self.plan(inputs, choice, grad)
-        report = {(self.name, "forward"): choice.forward, (self.name, "key"): tuning.key(self.name, inputs)}
+        call_key = tuning.key(self.name, inputs)
+        # The knobs the card's table gives the forward's backend at this key (the caller's own go first).
+        knobs = {k: v for k, v in tuning.knobs(self.name, "forward", call_key, inputs.device, choice.forward).items()
+                 if _overrides.get(k) is None}
+        with _overrides.use(**knobs) if knobs else contextlib.nullcontext():
+            run = self.plan(inputs, choice, grad)
+            planned = _overrides.plan_knobs()
+        report = {(self.name, "forward"): choice.forward, (self.name, "key"): call_key}
+        if planned:
+            report[(self.name, "knobs")] = planned
         if choice.backward is not None:
             report[(self.name, "backward")] = choice.backward
         backends.report(report)

@@ -1,8 +1,10 @@
 """Private tuning knobs: force a kernel path or a tile rule for tests, benchmark probes and tools.
 
 Not part of the public API; launchers read a knob with :func:`get` where their heuristic decides, so
-their public signatures carry no test-only arguments. While any knob is set the ops skip their
-per-geometry plan cache (a plan made under a knob must not serve a call made without it)::
+their public signatures carry no test-only arguments. The knobs set are part of the key of the ops'
+per-geometry plan cache (:func:`snapshot`: a plan made under a knob never serves a call made without it).
+The knobs of :data:`PLAN_KNOBS` are read while a plan is made, so a per-card tuning table may carry them
+for the backend that won with them (``vlfast.tuning``)::
 
     from vlfast.ops import _overrides
     with _overrides.use(conv_transpose_kernel="phase"):
@@ -14,6 +16,9 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_single_max``: padded group elements up to which the single-pass kernels run (0: split);
 - ``group_norm_split_tile``, ``group_norm_split_programs``: tiles of the split kernels;
 - ``group_norm_groups_per_program``: 0 the one-group forward kernel, k >= 1 the channel-run kernel;
+- ``igemm_tiles``: a dict of some of BLOCK_M, BLOCK_N, BLOCK_K (powers of two, 16 to 256), GROUP_M, num_warps
+  (a power of two up to 16) and num_stages (up to 8) for the convolutions' forward implicit-GEMM kernels (in place of the tile rule's; BLOCK_K
+  no longer than the rule allows: a K tile never straddles two taps);
 - ``group_norm_cuda_path``: "onepass", "split" or "auto" for the CUDA forward. The CUDA glue keeps this
   one in the extension (``torch.ops.vlfast.group_norm_set_cuda_path``), which :func:`use` sets on
   entering and restores on leaving: unlike the others it is process-wide, not per thread or context;
@@ -35,7 +40,11 @@ import torch
 
 KNOBS = ("conv_transpose_kernel", "group_norm_single_max", "group_norm_split_tile", "group_norm_split_programs",
          "group_norm_groups_per_program", "group_norm_cuda_path", "group_norm_cpu_cache",
-         "group_norm_cpu_stream", "fold_batchnorm")
+         "group_norm_cpu_stream", "fold_batchnorm", "igemm_tiles")
+# Read while a plan is made (not while it runs): a tuning table may carry them (vlfast.tuning).
+PLAN_KNOBS = ("conv_transpose_kernel", "group_norm_single_max", "group_norm_split_tile", "group_norm_split_programs",
+              "group_norm_groups_per_program", "igemm_tiles")
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 _current: contextvars.ContextVar = contextvars.ContextVar("vlfast_overrides", default=None)
 # group_norm_cuda_path -> the code of the extension's setter (csrc/ops.cpp).
@@ -54,6 +63,9 @@ def use(**knobs: Any):
     cache = knobs.get("group_norm_cpu_cache")
     if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 0):
         raise ValueError(f"group_norm_cpu_cache must be a non-negative int (bytes), got {cache!r}")
+    tiles = knobs.get("igemm_tiles")
+    if tiles is not None:
+        check_tiles(tiles)
     stream = knobs.get("group_norm_cpu_stream")
     if stream is not None and not isinstance(stream, bool):
         raise ValueError(f"group_norm_cpu_stream must be True, False or None, got {stream!r}")
@@ -71,6 +83,35 @@ def use(**knobs: Any):
         _current.reset(token)
         for k in changed:
             _EXTENSION_KNOBS[k](outer.get(k))
+
+
+def check_tiles(tiles) -> None:
+    """Refuse an ``igemm_tiles`` knob the kernels cannot take."""
+    if not isinstance(tiles, dict) or set(tiles) - set(TILE_KEYS):
+        raise ValueError(f"igemm_tiles must be a dict of some of {TILE_KEYS}, got {tiles!r}")
+    for k, v in tiles.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"igemm_tiles[{k!r}] must be a positive int, got {v!r}")
+        if (k.startswith("BLOCK_") or k == "num_warps") and v & (v - 1):
+            raise ValueError(f"igemm_tiles[{k!r}] must be a power of two, got {v!r}")
+        if k.startswith("BLOCK_") and not 16 <= v <= 256:
+            raise ValueError(f"igemm_tiles[{k!r}] must be 16 to 256, got {v}")
+        if k == "num_warps" and v > 16 or k == "num_stages" and v > 8:
+            raise ValueError(f"igemm_tiles[{k!r}] = {v} is beyond what the kernels take")
+
+
+def snapshot():
+    """The knobs set now, hashable (None where none is): part of the ops' plan-cache key."""
+    knobs = _current.get()
+    if knobs is None:
+        return None
+    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in knobs.items()))
+
+
+def plan_knobs() -> dict:
+    """The knobs of :data:`PLAN_KNOBS` set now."""
+    knobs = _current.get() or {}
+    return {k: v for k, v in knobs.items() if k in PLAN_KNOBS}
 
 
 # Constant while torch.compile traces (a ContextVar cannot be traced): a knob is read once, at trace time.

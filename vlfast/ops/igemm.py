@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _overrides
 from ._common import cdiv, num_sms, pow2
 
 # Problems below this many multiply-adds share one small tile config: one compile serves them all.
@@ -62,12 +63,28 @@ def precision_rule(dtype: torch.dtype, device: torch.device):
     return lambda: fixed
 
 
+def tuned(cfg: dict, cin_g: int) -> dict:
+    """``cfg`` with the ``igemm_tiles`` knob's values in place of the rule's (a tuning table's tiles for the
+    call, or a probe's), BLOCK_K no longer than the power of two at or above Cin/G (at least 16)."""
+    tiles = _overrides.get("igemm_tiles")
+    if not tiles:
+        return cfg
+    cfg = {**cfg, **tiles}
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], clamp_pow2(cin_g, 16, 256))
+    return cfg
+
+
 def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool = True) -> dict:
     """Tiles of conv_transpose2d_subpixel_kernel: M = N*cells rows, n_cols = s_h*s_w*Cout/G columns,
     K = taps*Cin/G (chunks of at most Cin/G: a K tile never straddles two taps). ``wide`` allows
     256-column tiles: only for one tap and no crop, with a channel-contiguous or row-segment store
     (compiled for sm_90 with Triton 3.6, 2026-11-26: 198-242 registers and no spills there; with two
-    taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not)."""
+    taps, a crop or the scattered W-contiguous store they spill, where 128-column tiles do not). The
+    ``igemm_tiles`` knob replaces the rule's tiles (:func:`tuned`)."""
+    return tuned(_subpixel_rule(m, n_cols, k, cin_g, dtype, wide), cin_g)
+
+
+def _subpixel_rule(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype, wide: bool) -> dict:
     if backends.interpret_mode():
         return interpreter_tiles(m, n_cols)
     if m * n_cols * k < SMALL_MACS:
@@ -82,12 +99,15 @@ def subpixel_config(m: int, n_cols: int, k: int, cin_g: int, dtype: torch.dtype,
 
 def phase_config(m: int, cout_g: int, cin_g: int, dtype: torch.dtype) -> dict:
     """Tiles of conv_transpose2d_phase_kernel (and of any GEMM whose columns are Cout/G output channels):
-    M = N*pixels rows, N = Cout/G, K = taps x Cin/G."""
+    M = N*pixels rows, N = Cout/G, K = taps x Cin/G. The ``igemm_tiles`` knob replaces the rule's tiles
+    (:func:`tuned`)."""
     if backends.interpret_mode():
-        return interpreter_tiles(m, cout_g)
-    if m * cout_g * cin_g < SMALL_MACS:
-        return dict(SMALL)
-    return tiles(m, clamp_pow2(cout_g, 16, 128), cin_g, dtype)
+        cfg = interpreter_tiles(m, cout_g)
+    elif m * cout_g * cin_g < SMALL_MACS:
+        cfg = dict(SMALL)
+    else:
+        cfg = tiles(m, clamp_pow2(cout_g, 16, 128), cin_g, dtype)
+    return tuned(cfg, cin_g)
 
 
 def backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:

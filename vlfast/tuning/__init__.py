@@ -22,8 +22,10 @@ Which table a device uses, the first that applies:
 5. none: the op's hand-written rule (:meth:`Op.rule`), which is also what a call gets where no prefix of its
    key is in the table.
 
-A table changes the order ``auto`` tries the backends in, nothing else: a backend that cannot run a call is
-still skipped, forced backends are untouched, and a table that cannot be read is ignored with a warning
+A table changes the order ``auto`` tries the backends in, and at a measured key the knobs a backend won with
+there (a kernel path, the implicit-GEMM tiles: the tuning probes' variants) with which eager calls plan it;
+nothing else: a backend that cannot run a call is still skipped, forced backends are untouched (a forced
+backend still plans with the table's knobs), and a table that cannot be read is ignored with a warning
 (``auto`` never raises). :func:`decision` says what the table made of one call; ``python -m vlfast tuning
 show`` prints the table a device uses.
 """
@@ -116,7 +118,9 @@ def card(device_type: str, index: Optional[int] = None) -> tuple[str, Optional[s
 # ---------------------------------------------------------------- tables
 class Table:
     """One card's measured orders (the JSON of :func:`build`): ``entries[op][direction][key]`` is
-    ``{"order": [...], "rel": {backend: geometric-mean time / best}, "cases": n}``."""
+    ``{"order": [...], "rel": {backend: geometric-mean time / best}, "cases": n}``, and at a measured key
+    where a backend won with private knobs (``vlfast.ops._overrides.PLAN_KNOBS``: a kernel path, tiles),
+    ``"knobs": {backend: {knob: value}}``."""
 
     def __init__(self, data: dict, source: str = ""):
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -130,6 +134,7 @@ class Table:
                     order = e.get("order") if isinstance(e, dict) else None
                     if not order or any(b not in backends.BACKENDS for b in order):
                         raise ValueError(f"{op} {direction} {k}: order must name vlfast backends, got {order!r}")
+                    _check_knobs(e.get("knobs", {}), f"{op} {direction} {k}")
         self.data, self.source = data, source
         self.card, self.device_type = data["card"], data["device_type"]
         self.capability = data.get("capability")
@@ -154,6 +159,20 @@ class Table:
             if e is not None:
                 return "/".join(parts[:n]), e
         return None
+
+
+def _check_knobs(knobs, where: str) -> None:
+    from ..ops import _overrides
+    if not isinstance(knobs, dict):
+        raise ValueError(f"{where}: knobs must be {{backend: {{knob: value}}}}, got {knobs!r}")
+    for backend, values in knobs.items():
+        if backend not in backends.BACKENDS or not isinstance(values, dict):
+            raise ValueError(f"{where}: knobs must be {{backend: {{knob: value}}}}, got {knobs!r}")
+        bad = set(values) - set(_overrides.PLAN_KNOBS)
+        if bad:
+            raise ValueError(f"{where}: {sorted(bad)} are not knobs a plan reads ({_overrides.PLAN_KNOBS})")
+        if "igemm_tiles" in values:
+            _overrides.check_tiles(values["igemm_tiles"])
 
 
 def package_tables() -> list[str]:
@@ -225,6 +244,16 @@ def _lookup(op: str, direction: str, call_key: str, device_type: str, index: Opt
     return ",".join(found[1]["order"]) if found else ""
 
 
+def knobs(op: str, direction: str, call_key: str, device: torch.device, backend: str) -> dict:
+    """The knobs the table gives ``backend`` at exactly this key on ``device`` (measured with them there),
+    else {}: the eager planning of the op applies them (compiled code plans by the kernels' own rules)."""
+    table, _ = table_for(device)
+    if table is None or table.device_type != device.type:
+        return {}
+    e = table.data["entries"].get(op, {}).get(direction, {}).get(call_key)
+    return dict(e.get("knobs", {}).get(backend, {})) if e else {}
+
+
 def decision(op: str, inputs, direction: str = "forward") -> dict:
     """What the tables make of one call: its key, the table and why, the prefix matched, the order (None:
     the op's rule: then ``rule`` is the rule's order, None meaning the device's default)."""
@@ -233,7 +262,8 @@ def decision(op: str, inputs, direction: str = "forward") -> dict:
     found = table.match(op, direction, call_key) if table is not None else None
     return {"key": call_key, "table": table.source if table else None, "why": why,
             "matched": found[0] if found else None, "order": tuple(found[1]["order"]) if found else None,
-            "rule": None if found else decl.rule(direction, inputs)}
+            "rule": None if found else decl.rule(direction, inputs),
+            "knobs": found[1].get("knobs", {}) if found and found[0] == call_key else {}}
 
 
 def _clear_plans() -> None:
@@ -277,18 +307,22 @@ class Recorder:
             hit[1] += 1
 
     def summary(self) -> dict:
-        """{"op direction": {"key", "backend", "share"}}: per op and direction the commonest (key,
-        backend) of the calls and its share of them (1.0 where every call was the same)."""
+        """{"op direction": {"key", "backend", "share"[, "knobs"]}}: per op and direction the commonest (key,
+        backend, plan knobs) of the calls and its share of them (1.0 where every call was the same)."""
         tally: dict = defaultdict(lambda: defaultdict(int))
         for report, n in self.counts.values():
             call_key = next((v for (o, d), v in report.items() if d == "key"), None)
+            knobs = next((v for (o, d), v in report.items() if d == "knobs"), {})
+            frozen = json.dumps(knobs, sort_keys=True)
             for (o, d), backend in report.items():
-                if d != "key":
-                    tally[f"{o} {d}"][(call_key, backend)] += n
+                if d in ("forward", "backward"):
+                    tally[f"{o} {d}"][(call_key, backend, frozen if d == "forward" else "{}")] += n
         out = {}
         for name, pairs in tally.items():
-            (k, b), n = max(pairs.items(), key=lambda kv: kv[1])
+            (k, b, frozen), n = max(pairs.items(), key=lambda kv: kv[1])
             out[name] = {"key": k, "backend": b, "share": round(n / sum(pairs.values()), 3)}
+            if frozen != "{}":
+                out[name]["knobs"] = json.loads(frozen)
         return out
 
 
@@ -310,42 +344,39 @@ EAGER_IS_REFERENCE = ("group_norm", "conv_transpose2d", "conv2d")
 
 
 def _measurements(rows: list[dict]) -> dict:
-    """{(op, direction, key): [{backend: us} per case]} from benchmark rows (dicts, as in the JSON)."""
+    """{(op, direction, key): [{backend: (us, knobs)} per case]} from benchmark rows (dicts, as in the JSON):
+    per case, each backend's fastest variant (its rows under different knobs: the tuning probes)."""
     by_case: dict = defaultdict(dict)
     for r in rows:
         if r.get("timing") is not None and not r["provider"].startswith("graph:"):
             by_case[(r["op"], r["case"], r["dtype"])][r["provider"]] = r
     found: dict = defaultdict(list)
     for case, providers in by_case.items():
-        forward_only: dict = {}
-        tagged = []
+        variants = []  # (op, key, backend, knobs, us) of each forward-only vlfast row
         for name, r in providers.items():
-            if not name.startswith("vlfast-"):
-                continue
+            if not name.startswith("vlfast-") or name == "vlfast-auto":
+                continue  # auto's rows repeat a backend timed on its own
             ran = r["timing"].get("ran") or {}
             if len(ran) == 0 or any(v["share"] < 0.9 or v["key"] is None for v in ran.values()):
                 continue  # not one op at one key: a composite case (a chain of layers, a whole model)
             ops = {n.split()[0] for n in ran}
-            if len(ops) != 1 or name.removeprefix("vlfast-") not in backends.BACKENDS:
+            if len(ops) != 1:
                 continue
-            tagged.append((name, r, ops.pop(), ran))
-        for name, r, op, ran in tagged:
+            op = ops.pop()
             fwd = ran.get(f"{op} forward")
-            if fwd is None:
-                continue
-            if f"{op} backward" in ran:
+            if fwd is None or f"{op} backward" in ran:
                 continue  # forward + backward: the backward's share needs the forward alone (not attributed)
-            forward_only[fwd["backend"]] = (fwd["key"], r["timing"]["median"])
-        if not forward_only:
+            variants.append((op, fwd["key"], fwd["backend"], fwd.get("knobs", {}), r["timing"]["median"]))
+        if len({(op, k) for op, k, *_ in variants}) != 1:
             continue
-        keys = {k for k, _ in forward_only.values()}
-        if len(keys) != 1:
-            continue
-        times = {b: t for b, (_, t) in forward_only.items()}
+        op, k = variants[0][:2]
+        times: dict = {}
+        for _, _, backend, knobs, us in sorted(variants, key=lambda v: v[-1], reverse=True):
+            times[backend] = (us, knobs)  # each backend's fastest variant (and the knobs it ran with)
         eager = providers.get("eager")
         if op in EAGER_IS_REFERENCE and eager is not None and "reference" not in times:
-            times["reference"] = eager["timing"]["median"]
-        found[(op, "forward", keys.pop())].append(times)
+            times["reference"] = (eager["timing"]["median"], {})
+        found[(op, "forward", k)].append(times)
     return found
 
 
@@ -370,8 +401,8 @@ def build(rows: list[dict], machine: dict) -> Table:
         parent = orders.get((op, direction, prefix.rsplit("/", 1)[0])) if prefix.count("/") >= MIN_PREFIX else None
         logs: dict = defaultdict(list)
         for times in cases:
-            best = min(times.values())
-            for b, t in times.items():
+            best = min(t for t, _ in times.values())
+            for b, (t, _) in times.items():
                 logs[b].append(math.log(t / best) if best > 0 else 0.0)
         rel = {b: math.exp(sum(v) / len(v)) for b, v in logs.items()}
         everywhere = [b for b in rel if len(logs[b]) == len(cases)]
@@ -379,8 +410,13 @@ def build(rows: list[dict], machine: dict) -> Table:
         orders[(op, direction, prefix)] = order
         if parent == order and (op, direction, prefix) not in measured:
             continue  # a prefix that orders as its parent does: the lookup falls back to the parent alike
-        entries[op][direction][prefix] = {"order": order, "rel": {b: round(rel[b], 4) for b in order},
-                                          "cases": len(cases)}
+        entry = {"order": order, "rel": {b: round(rel[b], 4) for b in order}, "cases": len(cases)}
+        if (op, direction, prefix) in measured:  # knobs at measured keys, where every case won with them
+            knobs = {b: kn for b, (_, kn) in cases[0].items()
+                     if kn and all(c.get(b, (0, None))[1] == kn for c in cases)}
+            if knobs:
+                entry["knobs"] = knobs
+        entries[op][direction][prefix] = entry
     device_type = "cuda" if machine.get("device") == "cuda" else "cpu"
     capability = machine.get("capability")
     data = {"format": FORMAT, "card": machine.get("name", "unknown"), "device_type": device_type,
@@ -421,5 +457,7 @@ def describe(table: Optional[Table], why: str = "") -> str:
             width = max(len(k) for k in entries)
             for k, e in sorted(entries.items()):
                 rel = " ".join(f"{b} {e['rel'][b]:.2f}" for b in e["order"] if b in e.get("rel", {}))
-                lines.append(f"  {k.ljust(width)}  {' > '.join(e['order'])}   ({e.get('cases', '?')} cases; {rel})")
+                knobs = "".join(f"; {b} with {json.dumps(kn, sort_keys=True)}" for b, kn in e.get("knobs", {}).items())
+                lines.append(f"  {k.ljust(width)}  {' > '.join(e['order'])}   "
+                             f"({e.get('cases', '?')} cases; {rel}{knobs})")
     return "\n".join(lines)
