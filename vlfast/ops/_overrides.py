@@ -17,8 +17,8 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_split_tile``, ``group_norm_split_programs``: tiles of the split kernels;
 - ``group_norm_groups_per_program``: 0 the one-group forward kernel, k >= 1 the channel-run kernel;
 - ``igemm_tiles``: a dict of some of BLOCK_M, BLOCK_N, BLOCK_K (powers of two, 16 to 256), GROUP_M, num_warps
-  (a power of two up to 16) and num_stages (up to 8) for the convolutions' forward implicit-GEMM kernels (in place of the tile rule's; BLOCK_K
-  no longer than the rule allows: a K tile never straddles two taps);
+  (a power of two up to 16) and num_stages (up to 8) for the convolutions' forward implicit-GEMM kernels, in
+  place of the tile rule's (BLOCK_K no longer than the power of two at or above Cin/G);
 - ``group_norm_cuda_path``: "onepass", "split" or "auto" for the CUDA forward. The CUDA glue keeps this
   one in the extension (``torch.ops.vlfast.group_norm_set_cuda_path``), which :func:`use` sets on
   entering and restores on leaving: unlike the others it is process-wide, not per thread or context;
