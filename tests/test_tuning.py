@@ -481,3 +481,33 @@ def test_probes_run_through_the_op_and_are_recorded_with_their_knobs(monkeypatch
     assert [t["BLOCK_N"] for t in probes._tiles(128, 128, torch.bfloat16, True)] == [64, 128]
     assert probes._tiles(12, 64, torch.bfloat16, True) == []
     assert probes._tiles(256, 256, torch.float32, True) == [] and probes._tiles(256, 256, torch.bfloat16, False) == []
+
+
+def test_build_attributes_the_backward_from_forward_and_backward_rows():
+    gn = "bfloat16/nchw/n2^22/g2^16"
+
+    def both(backend_f, backend_b):
+        return {**ran(gn, backend_f, "group_norm"), **ran(gn, backend_b, "group_norm", direction="backward")}
+    rows = [row("group_norm ddpm fwd", "a", "eager", 100.0),
+            row("group_norm ddpm fwd", "a", "vlfast-cuda", 40.0, ran(gn, "cuda", "group_norm")),
+            row("group_norm ddpm fwd", "a", "vlfast-triton", 30.0, ran(gn, "triton", "group_norm")),
+            row("group_norm ddpm fwd+bwd", "a", "eager", 400.0),                  # reference backward 300
+            row("group_norm ddpm fwd+bwd", "a", "vlfast-cuda", 140.0, both("cuda", "cuda")),        # 100
+            row("group_norm ddpm fwd+bwd", "a", "vlfast-triton", 230.0, both("triton", "triton")),  # 200
+            row("group_norm ddpm fwd+bwd", "a", "vlfast-auto", 130.0, both("triton", "cuda"))]
+    t = tuning.build(rows, MACHINE)
+    assert t.data["entries"]["group_norm"]["forward"][gn]["order"] == ["triton", "cuda", "reference"]
+    bwd = t.data["entries"]["group_norm"]["backward"][gn]
+    assert bwd["order"] == ["cuda", "triton", "reference"]
+    assert bwd["rel"] == {"cuda": 1.0, "triton": 2.0, "reference": 3.0}
+    # A forward + backward row without its forward-alone counterpart, or with another forward backend there,
+    # says nothing of the backward.
+    rows[5] = row("group_norm ddpm fwd+bwd", "a", "vlfast-triton", 230.0, both("cuda", "triton"))
+    bwd = tuning.build(rows, MACHINE).data["entries"]["group_norm"]["backward"][gn]
+    assert bwd["order"] == ["cuda", "reference"]
+    with tuning.use_table(tuning.build(rows, MACHINE).data | {"card": CPU, "device_type": "cpu"}):
+        x, g = gn_inputs((2, 8, 4, 4))
+        xx = x.bfloat16().requires_grad_()
+        assert tuning.lookup("group_norm", "backward", gn, torch.device("cpu")) == ("cuda", "reference")
+        group_norm(xx, g).sum().backward()  # cuda cannot run here: the next, the reference
+        assert vlfast.last_backend("group_norm", "backward") == "reference"

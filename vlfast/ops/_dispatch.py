@@ -172,9 +172,14 @@ class Op:
     # ---- written once
     def order(self, direction: str, inputs) -> Optional[tuple[str, ...]]:
         """auto's fastest-first order for one call: the device's tuning table where it has an entry for the
-        call's key (or a prefix of it), else :meth:`rule`."""
+        call's key (or a prefix of it), followed by the backends it did not measure in the order of
+        :meth:`rule` (or the device's priority); else :meth:`rule`."""
+        rule = self.rule(direction, inputs)
         measured = tuning.lookup(self.name, direction, tuning.key(self.name, inputs), inputs.device)
-        return measured if measured is not None else self.rule(direction, inputs)
+        if measured is None:
+            return rule
+        rest = rule or backends.PRIORITY.get(inputs.device.type, ())
+        return measured + tuple(b for b in rest if b not in measured)
 
     def backends(self, direction: str) -> tuple[str, ...]:
         return self.forward_backends if direction == "forward" else self.backward_backends

@@ -2,14 +2,15 @@
 
 Every call of an op has a **tuning key**, a short path of coarse classes, most telling first::
 
-    bfloat16/channels_last/dense/k3x3/dilated/cin64/cout64/px2^18/plain     (a conv2d)
+    bfloat16/channels_last/dense/k3x3s1x1/d4/cin64/cout64/px2^18/plain     (a conv2d)
     bfloat16/nchw/n2^22/g2^14                                              (a group_norm)
 
 the dtype, then what the op's :meth:`~vlfast.ops._dispatch.Op.tuning_fields` says of the inputs (layout,
 kernel, channel and size classes; sizes as powers of 4). A **table** belongs to one card (``"NVIDIA
 H200"``, or a CPU's model name) and maps, per op and direction, keys to the backends fastest first, as
 the benchmarks measured them on that card (``python -m vlfast bench --tuning FILE`` or ``python -m vlfast
-tuning build RESULTS.json... -o FILE``). Besides each measured key it holds every shorter prefix of it (down
+tuning build RESULTS.json... -o FILE``): the forward from forward-only rows, the backward from forward +
+backward rows less the forward alone. Besides each measured key it holds every shorter prefix of it (down
 to dtype and layout), ranked by the geometric mean of each backend's time relative to the case's best
 over the measured keys under it: a call whose exact key was not measured takes its longest prefix that was.
 
@@ -22,7 +23,8 @@ Which table a device uses, the first that applies:
 5. none: the op's hand-written rule (:meth:`Op.rule`), which is also what a call gets where no prefix of its
    key is in the table.
 
-A table changes the order ``auto`` tries the backends in, and at a measured key the knobs a backend won with
+A table changes the order ``auto`` tries the backends in (the measured ones first, then the others in the
+op's rule's order), and at a measured key the knobs a backend won with
 there (a kernel path, the implicit-GEMM tiles: the tuning probes' variants) with which eager calls plan it;
 nothing else: a backend that cannot run a call is still skipped, forced backends are untouched (a forced
 backend still plans with the table's knobs), and a table that cannot be read is ignored with a warning
@@ -343,40 +345,69 @@ def recording():
 EAGER_IS_REFERENCE = ("group_norm", "conv_transpose2d", "conv2d")
 
 
+def _single_op_rows(providers: dict) -> dict:
+    """{provider: (op, forward, backward or None, us)} of a case's vlfast rows that ran one op at one key
+    (``forward``/``backward``: the ``ran`` summaries); not auto's rows, which repeat a backend timed alone."""
+    out = {}
+    for name, r in providers.items():
+        if not name.startswith("vlfast-") or name == "vlfast-auto":
+            continue
+        ran = r["timing"].get("ran") or {}
+        if len(ran) == 0 or any(v["share"] < 0.9 or v["key"] is None for v in ran.values()):
+            continue  # not one op at one key: a composite case (a chain of layers, a whole model)
+        ops = {n.split()[0] for n in ran}
+        if len(ops) != 1:
+            continue
+        op = ops.pop()
+        fwd, bwd = ran.get(f"{op} forward"), ran.get(f"{op} backward")
+        if fwd is not None and (bwd is None or bwd["key"] == fwd["key"]):
+            out[name] = (op, fwd, bwd, r["timing"]["median"])
+    return out
+
+
 def _measurements(rows: list[dict]) -> dict:
-    """{(op, direction, key): [{backend: (us, knobs)} per case]} from benchmark rows (dicts, as in the JSON):
-    per case, each backend's fastest variant (its rows under different knobs: the tuning probes)."""
+    """{(op, direction, key): [{backend: (us, knobs)} per case]} from benchmark rows (dicts, as in the JSON).
+
+    Forward: the rows of forward-only cases, each backend's fastest variant (its rows under different
+    knobs: the tuning probes) with the knobs it ran with. Backward: a forward + backward row's time less
+    that of the same provider's row in the forward-only case of the same name (the bench op's "fwd+bwd"
+    and "fwd"), where both ran the same forward. The eager rows stand for the reference backend of the ops
+    in :data:`EAGER_IS_REFERENCE` (its backward: autograd through the same aten calls)."""
     by_case: dict = defaultdict(dict)
     for r in rows:
         if r.get("timing") is not None and not r["provider"].startswith("graph:"):
             by_case[(r["op"], r["case"], r["dtype"])][r["provider"]] = r
+    tagged = {case: _single_op_rows(providers) for case, providers in by_case.items()}
     found: dict = defaultdict(list)
-    for case, providers in by_case.items():
-        variants = []  # (op, key, backend, knobs, us) of each forward-only vlfast row
-        for name, r in providers.items():
-            if not name.startswith("vlfast-") or name == "vlfast-auto":
-                continue  # auto's rows repeat a backend timed on its own
-            ran = r["timing"].get("ran") or {}
-            if len(ran) == 0 or any(v["share"] < 0.9 or v["key"] is None for v in ran.values()):
-                continue  # not one op at one key: a composite case (a chain of layers, a whole model)
-            ops = {n.split()[0] for n in ran}
-            if len(ops) != 1:
-                continue
-            op = ops.pop()
-            fwd = ran.get(f"{op} forward")
-            if fwd is None or f"{op} backward" in ran:
-                continue  # forward + backward: the backward's share needs the forward alone (not attributed)
-            variants.append((op, fwd["key"], fwd["backend"], fwd.get("knobs", {}), r["timing"]["median"]))
-        if len({(op, k) for op, k, *_ in variants}) != 1:
+    for case, rows_ in tagged.items():
+        if not rows_ or len({(op, fwd["key"]) for op, fwd, _, _ in rows_.values()}) != 1:
             continue
-        op, k = variants[0][:2]
+        op, k = next((op, fwd["key"]) for op, fwd, _, _ in rows_.values())
+        eager = by_case[case].get("eager")
         times: dict = {}
-        for _, _, backend, knobs, us in sorted(variants, key=lambda v: v[-1], reverse=True):
-            times[backend] = (us, knobs)  # each backend's fastest variant (and the knobs it ran with)
-        eager = providers.get("eager")
-        if op in EAGER_IS_REFERENCE and eager is not None and "reference" not in times:
-            times["reference"] = (eager["timing"]["median"], {})
-        found[(op, "forward", k)].append(times)
+        if all(bwd is None for _, _, bwd, _ in rows_.values()):
+            for _, fwd, _, us in sorted(rows_.values(), key=lambda v: v[-1], reverse=True):
+                times[fwd["backend"]] = (us, fwd.get("knobs", {}))  # each backend's fastest variant
+            if op in EAGER_IS_REFERENCE and eager is not None and "reference" not in times:
+                times["reference"] = (eager["timing"]["median"], {})
+            found[(op, "forward", k)].append(times)
+            continue
+        if not case[0].endswith("fwd+bwd"):
+            continue
+        alone_case = (case[0].removesuffix("fwd+bwd") + "fwd",) + case[1:]
+        alone = tagged.get(alone_case, {})
+        for name, (_, fwd, bwd, us) in rows_.items():
+            base = alone.get(name)
+            if bwd is None or base is None or (base[1]["key"], base[1]["backend"]) != (k, fwd["backend"]):
+                continue
+            if us - base[3] > 0 and (bwd["backend"] not in times or us - base[3] < times[bwd["backend"]][0]):
+                times[bwd["backend"]] = (us - base[3], {})
+        eager_alone = by_case.get(alone_case, {}).get("eager")
+        if op in EAGER_IS_REFERENCE and eager is not None and eager_alone is not None and "reference" not in times:
+            if eager["timing"]["median"] > eager_alone["timing"]["median"]:
+                times["reference"] = (eager["timing"]["median"] - eager_alone["timing"]["median"], {})
+        if times:
+            found[(op, "backward", k)].append(times)
     return found
 
 
@@ -386,9 +417,7 @@ def build(rows: list[dict], machine: dict) -> Table:
     cases of each backend's time relative to the case's fastest. Backends measured in only some cases
     under a prefix are ranked after the others by the same mean over their cases. A prefix that orders
     the backends as its parent prefix does is left out (its calls find the parent: the same order).
-
-    Forward entries only: a forward + backward row does not say how its time splits between the two, so
-    the backward keeps each op's rule."""
+    Backward entries come from the forward + backward rows less the forward alone (:func:`_measurements`)."""
     grouped: dict = defaultdict(list)  # (op, direction, prefix) -> [case times]
     measured = _measurements(rows)
     for (op, direction, k), cases in measured.items():
