@@ -341,6 +341,15 @@ def test_bench_rows_carry_what_ran_and_make_a_table(tmp_path):
     assert r.returncode == 0 and "group_norm forward" in r.stdout and CPU in r.stdout, r.stderr
 
 
+def test_build_passes_over_other_json(tmp_path):
+    a = _write(tmp_path / "a.json", {"machine": {"name": "NVIDIA H200", "device": "cuda"}, "rows": []})
+    other = _write(tmp_path / "tuning.json", table({}))
+    with pytest.warns(UserWarning, match="tuning.json is not a benchmark's JSON"):
+        assert tuning.build_from_files([a, other]).card == "NVIDIA H200"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no benchmark JSON"):
+        tuning.build_from_files([other])
+
+
 def test_build_refuses_files_of_two_cards(tmp_path):
     a = _write(tmp_path / "a.json", {"machine": {"name": "NVIDIA H100"}, "rows": []})
     b = _write(tmp_path / "b.json", {"machine": {"name": "NVIDIA H200"}, "rows": []})

@@ -457,18 +457,22 @@ def build(rows: list[dict], machine: dict) -> Table:
 
 
 def build_from_files(paths: list[str]) -> Table:
-    """One table from benchmark JSON files (``python -m vlfast bench --json``) of one card."""
+    """One table from benchmark JSON files (``python -m vlfast bench --json``) of one card; other JSON files
+    among them (a tuning table, a profile: no ``machine`` and ``rows``) are passed over with a warning."""
     rows, machine = [], None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        m = data.get("machine", {})
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "machine" not in data:
+            warnings.warn(f"{path} is not a benchmark's JSON (no machine and rows): passed over", stacklevel=2)
+            continue
+        m = data["machine"]
         if machine is not None and m.get("name") != machine.get("name"):
             raise ValueError(f"{path} was measured on {m.get('name')!r}, the others on {machine.get('name')!r}")
         machine = machine or m
         rows += data.get("rows", [])
     if machine is None:
-        raise ValueError("no benchmark files given")
+        raise ValueError("no benchmark JSON among the files given")
     return build(rows, machine)
 
 
