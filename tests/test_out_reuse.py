@@ -155,9 +155,9 @@ def test_kernel_in_place(shape, groups, layout, budget):
 @pytest.mark.parametrize("shape,groups", CACHE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
                          else f"G{v}")
 def test_streaming_stores_write_what_cached_stores_write(shape, groups, layout, budget):
-    """The float32 output by streaming stores (forced on these small shapes) is bit for bit the output by
+    """The NCHW float32 output by streaming stores (forced on these small shapes) is bit for bit the output by
     cached stores, into a fresh output and into an ``out`` at every alignment (the unaligned head and the
-    tail of each channel or row); in place the kernel keeps cached stores."""
+    tail of each channel); channels-last (never streamed) and in place keep cached stores, the same bits."""
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last is 4-D")
     x, p = make_gn(shape, layout == "channels_last")

@@ -13,6 +13,7 @@ import torch
 import vlfast
 from vlfast import backends, tuning
 from vlfast.ops import conv2d, group_norm
+from vlfast.ops._common import layout_class
 from vlfast.ops.conv2d import OP as CONV2D
 from vlfast.ops.conv_transpose import OP as CONV_T
 from vlfast.ops.ddpm import OP as DDPM
@@ -43,9 +44,11 @@ def test_size_and_channel_classes():
         ["2^0", "2^0", "2^2", "2^2", "2^2", "2^2", "2^8", "2^12", "2^20"]
     assert [tuning.channel_class(c, "cin") for c in (1, 2, 3, 64, 65, 96, 128)] == \
         ["cin1", "cin2", "cin4", "cin64", "cin128", "cin128", "cin128"]
-    assert tuning.layout_class(torch.empty(2, 3, 4, 5)) == "nchw"
-    assert tuning.layout_class(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)) == "channels_last"
-    assert tuning.layout_class(torch.empty(2, 1, 4, 5).to(memory_format=torch.channels_last)) == "nchw"  # both
+    assert layout_class(torch.empty(2, 3, 4, 5)) == "nchw"
+    assert layout_class(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)) == "channels_last"
+    assert layout_class(torch.empty(2, 1, 4, 5).to(memory_format=torch.channels_last)) == "nchw"  # both
+    assert layout_class(torch.empty(2, 3, 2, 4, 5).to(memory_format=torch.channels_last_3d)) == "channels_last"
+    assert layout_class(torch.empty(3, 4)) == "nchw"
     assert tuning.slug("NVIDIA H200") == "nvidia-h200"
     assert tuning.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 

@@ -45,9 +45,8 @@ def forced_group_norm(pattern, **knobs):
 
     def run(x, w, b, temb, scale, shift):
         add, scale, shift = (temb, None, None) if pattern == "ddpm" else (None, scale, shift)
-        with _overrides.use(**knobs):
-            return op(x, G, w, b, add=add, scale=scale, shift=shift, activation="silu", backend="triton")
-    return run
+        return op(x, G, w, b, add=add, scale=scale, shift=shift, activation="silu", backend="triton")
+    return _under(knobs, run)
 
 
 def group_norm(*, pattern, device, channels_last, runnable, **_):

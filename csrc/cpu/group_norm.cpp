@@ -168,8 +168,7 @@ VLFAST_AVX512 void channel_avx512(const float* x, float* y, int64_t len, float c
     _mm512_mask_storeu_ps(y + i, m, F(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), c), a, b)));
   }
 }
-// NT: whole vectors at 64-byte aligned addresses by streaming stores, the rest as before.
-template <__m512 (*F)(__m512), bool NT = false>
+template <__m512 (*F)(__m512)>
 VLFAST_AVX512 void rows_avx512(const float* x, float* y, int64_t ld, int64_t rows, int64_t cw,
                                              const float* centre, const float* alpha, const float* beta) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -179,11 +178,7 @@ VLFAST_AVX512 void rows_avx512(const float* x, float* y, int64_t ld, int64_t row
       const __mmask16 m = cw - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cw - i)) - 1);
       const __m512 v = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + i), _mm512_maskz_loadu_ps(m, centre + i));
       const __m512 a = _mm512_maskz_loadu_ps(m, alpha + i), b = _mm512_maskz_loadu_ps(m, beta + i);
-      if (NT && m == 0xFFFF && (reinterpret_cast<uintptr_t>(yr + i) & 63) == 0) {
-        _mm512_stream_ps(yr + i, F(_mm512_fmadd_ps(v, a, b)));
-      } else {
-        _mm512_mask_storeu_ps(yr + i, m, F(_mm512_fmadd_ps(v, a, b)));
-      }
+      _mm512_mask_storeu_ps(yr + i, m, F(_mm512_fmadd_ps(v, a, b)));
     }
   }
 }
@@ -196,7 +191,7 @@ TileFns tile_fns(int act) {
 #if VLFAST_X86
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   if (avx512) {
-#define VLFAST_AVX512_FNS(F) {channel_avx512<F>, rows_avx512<F>, channel_avx512<F, true>, rows_avx512<F, true>}
+#define VLFAST_AVX512_FNS(F) {channel_avx512<F>, rows_avx512<F>, channel_avx512<F, true>}
     switch (act) {
       case ACT_SILU: return VLFAST_AVX512_FNS(silu_avx512);
       case ACT_RELU: return VLFAST_AVX512_FNS(relu_avx512);
@@ -208,10 +203,10 @@ TileFns tile_fns(int act) {
 #endif
   // Portable: cached stores only (GCC has no portable streaming store).
   switch (act) {
-    case ACT_SILU: return {silu_channel_portable, silu_rows_portable, silu_channel_portable, silu_rows_portable};
-    case ACT_RELU: return {relu_channel_portable, relu_rows_portable, relu_channel_portable, relu_rows_portable};
-    case ACT_GELU: return {gelu_channel_portable, gelu_rows_portable, gelu_channel_portable, gelu_rows_portable};
-    default: return {none_channel_portable, none_rows_portable, none_channel_portable, none_rows_portable};
+    case ACT_SILU: return {silu_channel_portable, silu_rows_portable, silu_channel_portable};
+    case ACT_RELU: return {relu_channel_portable, relu_rows_portable, relu_channel_portable};
+    case ACT_GELU: return {gelu_channel_portable, gelu_rows_portable, gelu_channel_portable};
+    default: return {none_channel_portable, none_rows_portable, none_channel_portable};
   }
 }
 
@@ -288,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor> group_norm_fwd_into(
   // the next op. Not for a caller's `out`, nor channels-last (both measured slower: benchmarks/NOTES.md, "CPU
   // kernels"), nor in place.
   const int64_t stream_knob = group_norm_cpu_stream();
-  const bool stream = dtype == at::kFloat && out.data_ptr() != input.data_ptr() &&
-                      (stream_knob >= 0 ? stream_knob == 1 : fresh && !cl && numel * 4 >= kStreamMin);
+  const bool stream = dtype == at::kFloat && !cl && out.data_ptr() != input.data_ptr() &&
+                      (stream_knob >= 0 ? stream_knob == 1 : fresh && numel * 4 >= kStreamMin);
   // Fused tasks when they keep every thread busy (evenly, or at least 4 each), or the input is small.
   const int64_t fused_tasks = cl ? N : N * G;
   const bool fused = C == 0 || numel < kParallelMin || fused_tasks % threads == 0 || fused_tasks >= 4 * threads;

@@ -92,16 +92,14 @@ constexpr int64_t kLine = 64;           // bytes per cache line
 // An activation of fp32 values after the affine map: one channel, y = act((x - centre) * alpha + beta) over
 // len values; or rows of cw channels (channels-last), y = act((x - centre[c]) * alpha[c] + beta[c]) over
 // `rows` rows at stride ld in x and y. x and y may be the same.
-// The *_nt versions store y with non-temporal (streaming) stores where they can: past the caches, without
-// reading the lines first (x and y must then differ).
+// channel_nt stores y with non-temporal (streaming) stores where it can: past the caches, without reading the
+// lines first (x and y must then differ).
 struct TileFns {
   using Channel = void (*)(const float* x, float* y, int64_t len, float centre, float alpha, float beta);
-  using Rows = void (*)(const float* x, float* y, int64_t ld, int64_t rows, int64_t cw, const float* centre,
-                        const float* alpha, const float* beta);
   Channel channel;
-  Rows rows;
+  void (*rows)(const float* x, float* y, int64_t ld, int64_t rows, int64_t cw, const float* centre,
+               const float* alpha, const float* beta);
   Channel channel_nt;
-  Rows rows_nt;
 };
 
 template <typename T>
@@ -121,7 +119,7 @@ struct Job {
   int64_t N, C, S, G, Cg;
   int64_t units;        // per channel (NCHW: ceil(S / kChunk)) or per sample (channels-last: ceil(S / kRows))
   bool fits;            // fused tasks: the slab fits the cache budget (prefetch the next; else write in reverse)
-  bool stream;          // fp32 output by streaming stores (a fresh output larger than the caches hold)
+  bool stream;          // NCHW fp32 output by streaming stores (a fresh output larger than the caches hold)
   double eps;
   int act;
   TileFns tile;         // the output pass in fp32 (tile_fns)
@@ -319,8 +317,7 @@ VLFAST_INLINE void apply_rows(const Job<T>& j, int64_t n, int64_t r0, int64_t r1
       }
     }
   } else if constexpr (std::is_same_v<T, float>) {
-    (j.stream ? j.tile.rows_nt : j.tile.rows)(j.x + base + r0 * j.C, j.out + base + r0 * j.C, j.C, r1 - r0, cw,
-                                              centre, alpha, beta);
+    j.tile.rows(j.x + base + r0 * j.C, j.out + base + r0 * j.C, j.C, r1 - r0, cw, centre, alpha, beta);
   } else {
     // Tiles of `rows` rows by a piece of up to pw channels.
     alignas(64) float buf[kTile];

@@ -16,6 +16,12 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def layout_class(x: Tensor) -> str:
+    """A tuning key's layout field (vlfast.tuning): "channels_last" where :func:`memory_format` says a
+    channels-last layout (2-D or 3-D), else "nchw"."""
+    return "nchw" if memory_format(x) == torch.contiguous_format else "channels_last"
+
+
 def pair(v, name: str, low: int) -> list[int]:
     """int or a sequence of 1 or 2 ints -> [a, b], each >= low (a convolution's stride, padding, ...)."""
     if isinstance(v, (list, tuple, torch.Size)) and len(v) in (1, 2):

@@ -19,7 +19,9 @@ An op is a subclass of :class:`Op` declaring
   done once (``run`` takes the entry's arguments and only allocates and launches);
 - ``trace(inputs, choice)``: the call under ``torch.compile``, through the op's torch custom ops;
 - ``autocast_policy`` / ``autocast_args``: what PyTorch's autocast does to the aten op it fuses;
-- ``reference(*args)``: the entry's semantics in plain PyTorch (for ``torch.func`` transforms).
+- ``reference(*args)``: the entry's semantics in plain PyTorch (for ``torch.func`` transforms);
+- ``eager_is_reference``: whether that reference is the PyTorch composition users run eagerly (the DDPM
+  step's is not: Philox in plain PyTorch), so that a benchmark's eager time stands for it.
 
 :meth:`Op.__call__` then does the rest the same way for every op: under autocast it casts the
 arguments as PyTorch would; under ``torch.compile`` and ``torch.jit.trace`` it calls the op's custom
@@ -145,6 +147,9 @@ class Op:
     # dtype, "fp32": float32; absent: untouched), and the entry's tensor positions it applies to.
     autocast_policy: dict = {}
     autocast_args: tuple = ()
+    # Whether the reference backend runs the same aten calls as the benchmarks' eager provider (its times
+    # then stand for the reference's in the tuning tables, vlfast.tuning.build).
+    eager_is_reference: bool = False
 
     def __init__(self):
         self.plans = PlanCache()

@@ -25,8 +25,8 @@ Knobs (None or absent: the heuristic decides):
 - ``group_norm_cpu_cache``: bytes of x a task of the CPU forward may hold in the cache (0: never; absent:
   half the per-core L2): where a task's slab fits, x streams from memory once. Kept in the extension
   (``torch.ops.vlfast.group_norm_set_cpu_cache``) and process-wide, like ``group_norm_cuda_path``;
-- ``group_norm_cpu_stream``: True / False: whether the CPU forward writes float32 output by streaming
-  (non-temporal) stores, past the caches (absent: for fresh NCHW outputs of 8 MiB or more). Kept in the
+- ``group_norm_cpu_stream``: True / False: whether the CPU forward writes NCHW float32 output by streaming
+  (non-temporal) stores, past the caches (absent: for fresh outputs of 8 MiB or more; never channels-last). Kept in the
   extension (``torch.ops.vlfast.group_norm_set_cpu_stream``) and process-wide, like ``group_norm_cpu_cache``;
 - ``fold_batchnorm``: True / False: whether ``vlfast.blocks.Sequential`` folds eval-mode BatchNorm into the
   convolution before it (absent: on CUDA tensors only; see :mod:`vlfast.blocks.sequential`).

@@ -28,8 +28,8 @@ from ..activations import NAME as ACT_NAME
 from ..activations import activate
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, memory_format,
-                      pair, write_out)
+from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, layout_class,
+                      memory_format, pair, write_out)
 
 _aten = torch.ops.aten
 
@@ -182,6 +182,7 @@ class Conv2d(_dispatch.Op):
     # unfused path, whose add promotes as PyTorch's does).
     autocast_policy = {"cuda": "lower", "cpu": "lower"}
     autocast_args = (0, 1, 2, 8)  # input, weight, bias, residual (not out: its dtype is the caller's)
+    eager_is_reference = True  # the reference backend runs the aten calls eager users run
 
     def check(self, input, weight, bias, stride, padding, dilation, groups, activation, residual, out) -> Inputs:
         check_conv_operands(input, weight, groups, "conv2d", "out_channels, in_channels/groups, kH, kW")
@@ -242,7 +243,7 @@ class Conv2d(_dispatch.Op):
         out, output pixels of the batch, and the epilogue's writes (out=, residual or plain)."""
         i, (cout, cin_g, kh, kw) = inputs, inputs.weight.shape
         kind = "dense" if i.groups == 1 else "depthwise" if cin_g == 1 else "grouped"
-        return (tuning.layout_class(i.x), kind, f"k{kh}x{kw}s{i.stride[0]}x{i.stride[1]}",
+        return (layout_class(i.x), kind, f"k{kh}x{kw}s{i.stride[0]}x{i.stride[1]}",
                 tuning.channel_class(max(i.dilation), "d"), tuning.channel_class(cin_g, "cin"),
                 tuning.channel_class(cout // i.groups, "cout"),
                 tuning.size_class(i.shape[0] * i.shape[2] * i.shape[3], "px"),

@@ -23,8 +23,8 @@ from ..activations import CODE as ACT_CODE
 from ..activations import NAME as ACT_NAME
 from ..activations import code as activation_code
 from . import _dispatch, _overrides
-from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, memory_format, overlap_safe,
-                      pair, write_out)
+from ._common import (activation_backward, check_conv_operands, check_out, check_tensor, layout_class,
+                      memory_format, overlap_safe, pair, write_out)
 
 _aten = torch.ops.aten
 
@@ -154,6 +154,7 @@ class ConvTranspose2d(_dispatch.Op):
     backward_backends = ("reference", "triton")  # see _backward
     autocast_policy = {"cuda": "lower", "cpu": "lower"}  # aten's conv_transpose2d: the autocast dtype
     autocast_args = (0, 1, 2)  # input, weight, bias (not out: its dtype is the caller's)
+    eager_is_reference = True  # the reference backend runs the aten calls eager users run
 
     def check(self, input, weight, bias, stride, padding, output_padding, groups, dilation, activation,
               out) -> Inputs:
@@ -220,7 +221,7 @@ class ConvTranspose2d(_dispatch.Op):
         no dilation), channels per group in and out, input pixels of the batch, and whether it writes out=."""
         i, (cin, cout_g, kh, kw) = inputs, inputs.weight.shape
         plain = not any(i.padding) and not any(i.output_padding) and i.dilation == [1, 1]
-        return (tuning.layout_class(i.x), "dense" if i.groups == 1 else "grouped",
+        return (layout_class(i.x), "dense" if i.groups == 1 else "grouped",
                 f"k{kh}x{kw}s{i.stride[0]}x{i.stride[1]}", "p0" if plain else "pad",
                 tuning.channel_class(cin // i.groups, "cin"), tuning.channel_class(cout_g, "cout"),
                 tuning.size_class(i.x.shape[0] * i.x.shape[2] * i.x.shape[3], "px"),

@@ -23,7 +23,7 @@ from ..activations import NAME as ACT_NAME
 from ..activations import activation_grad
 from ..activations import code as activation_code
 from . import _dispatch
-from ._common import (aten_layout, aten_layout_plan, check_out, check_tensor, is_same_tensor,
+from ._common import (aten_layout, aten_layout_plan, check_out, check_tensor, is_same_tensor, layout_class,
                       memory_format, shares_memory, suggest_memory_format, write_out)
 
 
@@ -259,6 +259,7 @@ class GroupNorm(_dispatch.Op):
     # 16-bit inputs with float32 parameters as they are); the fused extras go with the input.
     autocast_policy = {"cuda": "fp32"}
     autocast_args = (0, 2, 3, 5, 6, 7)  # input, weight, bias, add, scale, shift
+    eager_is_reference = True  # the reference backend runs the aten calls eager users run
 
     def check(self, input, num_groups, weight, bias, eps, add, scale, shift, activation, out=None) -> Inputs:
         if not isinstance(input, Tensor):
@@ -301,7 +302,7 @@ class GroupNorm(_dispatch.Op):
         """Layout, elements of the batch and elements of one group."""
         x = inputs.x
         per_group = x.numel() // max(x.shape[0] * inputs.num_groups, 1)
-        return tuning.layout_class(x), tuning.size_class(x.numel(), "n"), tuning.size_class(per_group, "g")
+        return layout_class(x), tuning.size_class(x.numel(), "n"), tuning.size_class(per_group, "g")
 
     def rule(self, direction: str, inputs: Inputs) -> Optional[tuple[str, ...]]:
         """H100 (benchmarks/NOTES.md, 2026-11-26): the Triton forward beat the CUDA one at every measured

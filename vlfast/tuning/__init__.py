@@ -6,13 +6,14 @@ Every call of an op has a **tuning key**, a short path of coarse classes, most t
     bfloat16/nchw/n2^22/g2^14                                              (a group_norm)
 
 the dtype, then what the op's :meth:`~vlfast.ops._dispatch.Op.tuning_fields` says of the inputs (layout,
-kernel, channel and size classes; sizes as powers of 4). A **table** belongs to one card (``"NVIDIA
-H200"``, or a CPU's model name) and maps, per op and direction, keys to the backends fastest first, as
-the benchmarks measured them on that card (``python -m vlfast bench --tuning FILE`` or ``python -m vlfast
-tuning build RESULTS.json... -o FILE``): the forward from forward-only rows, the backward from forward +
-backward rows less the forward alone. Besides each measured key it holds every shorter prefix of it (down
-to dtype and layout), ranked by the geometric mean of each backend's time relative to the case's best
-over the measured keys under it: a call whose exact key was not measured takes its longest prefix that was.
+kernel, channel and size classes; sizes as powers of 4; the layout by ``vlfast.ops._common.layout_class``).
+A **table** belongs to one card (``"NVIDIA H200"``, or a CPU's model name) and maps, per op and
+direction, keys to the backends fastest first, as the benchmarks measured them on that card (``python -m
+vlfast bench --tuning FILE`` or ``python -m vlfast tuning build RESULTS.json... -o FILE``): the forward
+from forward-only rows, the backward from forward + backward rows less the forward alone. Besides each
+measured key it holds every shorter prefix of it (down to dtype and layout), ranked by the geometric mean of
+each backend's time relative to the case's best over the measured keys under it: a call whose exact key was
+not measured takes its longest prefix that was.
 
 Which table a device uses, the first that applies:
 
@@ -74,13 +75,6 @@ def size_class(n, prefix: str = "") -> str:
 def channel_class(c, prefix: str) -> str:
     """A channel count to the power of 2 at or above it: 96 -> "cin128"."""
     return f"{prefix}{1 << max(_int(c) - 1, 0).bit_length()}"
-
-
-def layout_class(x: torch.Tensor) -> str:
-    """"channels_last" for a 4-D tensor in that layout (and not also contiguous), else "nchw"."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return "channels_last"
-    return "nchw"
 
 
 def key(op: str, inputs) -> str:
@@ -340,9 +334,6 @@ def recording():
 
 
 # ---------------------------------------------------------------- building a table from benchmark rows
-# The benchmark ops whose eager provider is what the op's reference backend runs (the same aten calls):
-# its time stands for the reference's. The DDPM step's reference is Philox in plain PyTorch, never timed.
-EAGER_IS_REFERENCE = ("group_norm", "conv_transpose2d", "conv2d")
 
 
 def _single_op_rows(providers: dict) -> dict:
@@ -356,7 +347,7 @@ def _single_op_rows(providers: dict) -> dict:
         if len(ran) == 0 or any(v["share"] < 0.9 or v["key"] is None for v in ran.values()):
             continue  # not one op at one key: a composite case (a chain of layers, a whole model)
         ops = {n.split()[0] for n in ran}
-        if len(ops) != 1:
+        if len(ops) != 1 or next(iter(ops)) not in backends.OPS:  # one op, and one this vlfast declares
             continue
         op = ops.pop()
         fwd, bwd = ran.get(f"{op} forward"), ran.get(f"{op} backward")
@@ -372,7 +363,7 @@ def _measurements(rows: list[dict]) -> dict:
     knobs: the tuning probes) with the knobs it ran with. Backward: a forward + backward row's time less
     that of the same provider's row in the forward-only case of the same name (the bench op's "fwd+bwd"
     and "fwd"), where both ran the same forward. The eager rows stand for the reference backend of the ops
-    in :data:`EAGER_IS_REFERENCE` (its backward: autograd through the same aten calls)."""
+    whose declaration says ``eager_is_reference`` (its backward: autograd through the same aten calls)."""
     by_case: dict = defaultdict(dict)
     for r in rows:
         if r.get("timing") is not None and not r["provider"].startswith("graph:"):
@@ -388,7 +379,7 @@ def _measurements(rows: list[dict]) -> dict:
         if all(bwd is None for _, _, bwd, _ in rows_.values()):
             for _, fwd, _, us in sorted(rows_.values(), key=lambda v: v[-1], reverse=True):
                 times[fwd["backend"]] = (us, fwd.get("knobs", {}))  # each backend's fastest variant
-            if op in EAGER_IS_REFERENCE and eager is not None and "reference" not in times:
+            if backends.OPS[op].eager_is_reference and eager is not None and "reference" not in times:
                 times["reference"] = (eager["timing"]["median"], {})
             found[(op, "forward", k)].append(times)
             continue
@@ -403,7 +394,8 @@ def _measurements(rows: list[dict]) -> dict:
             if us - base[3] > 0 and (bwd["backend"] not in times or us - base[3] < times[bwd["backend"]][0]):
                 times[bwd["backend"]] = (us - base[3], {})
         eager_alone = by_case.get(alone_case, {}).get("eager")
-        if op in EAGER_IS_REFERENCE and eager is not None and eager_alone is not None and "reference" not in times:
+        if (backends.OPS[op].eager_is_reference and eager is not None and eager_alone is not None
+                and "reference" not in times):
             if eager["timing"]["median"] > eager_alone["timing"]["median"]:
                 times["reference"] = (eager["timing"]["median"] - eager_alone["timing"]["median"], {})
         if times:
